@@ -1,0 +1,113 @@
+import re
+
+import pytest
+import torch
+
+import clip_utils as cu
+
+
+def _batch(synthetic, tokenizer, cfg, n=4):
+    return next(iter(cu.make_loader(synthetic[1].head(n), tokenizer, cfg, train=False)))
+
+
+def test_shapes(synthetic, tiny_model, tiny_cfg):
+    model, tokenizer = tiny_model
+    batch = _batch(synthetic, tokenizer, tiny_cfg)
+    image_embeds, text_embeds = model(batch)
+    assert image_embeds.shape == text_embeds.shape == (4, tiny_cfg.projection_dim)
+    assert cu.encode_texts(model, tokenizer, ["एक लाल गोला"] * 3, tiny_cfg).shape == (3, tiny_cfg.projection_dim)
+    embeds = cu.encode_images(model, list(synthetic[1]["image"][:5]), tiny_cfg)
+    assert torch.allclose(embeds.norm(dim=1), torch.ones(5), atol=1e-5)
+
+
+def test_flatten_pool_keeps_the_grid(tiny_cfg):
+    import dataclasses
+
+    avg = cu.ImageEncoder(tiny_cfg)
+    flat = cu.ImageEncoder(dataclasses.replace(tiny_cfg, image_pool="flatten"))
+    assert flat.out_dim == avg.out_dim * (tiny_cfg.image_size // 32) ** 2
+
+
+def test_parameter_names_follow_the_published_layout(tiny_model):
+    model, _ = tiny_model
+    keys = list(model.state_dict())
+    for prefix in ("image_encoder.model.", "text_encoder.model.", "image_projection.projection.",
+                   "image_projection.fc.", "image_projection.layer_norm.", "text_projection.projection."):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    allowed = re.compile(r"^(image_encoder\.model|text_encoder\.model|(image|text)_projection\."
+                         r"(projection|fc|layer_norm))\.|^logit_scale$")
+    assert all(allowed.match(k) for k in keys)
+
+
+def test_three_parameter_groups(tiny_model, tiny_cfg):
+    model, _ = tiny_model
+    groups = cu.make_optimizer(model, tiny_cfg).param_groups
+    assert [g["name"] for g in groups] == ["image_encoder", "text_encoder", "heads"]
+    assert [g["lr"] for g in groups] == [tiny_cfg.image_encoder_lr, tiny_cfg.text_encoder_lr, tiny_cfg.head_lr]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_checkpoint_round_trip_gives_identical_embeddings(tmp_path, synthetic, tiny_model, tiny_cfg):
+    model, tokenizer = tiny_model
+    images, captions = list(synthetic[1]["image"][:6]), list(synthetic[1]["caption"][:6])
+    before_i = cu.encode_images(model, images, tiny_cfg)
+    before_t = cu.encode_texts(model, tokenizer, captions, tiny_cfg)
+    cu.save_checkpoint(tmp_path / "ckpt", model, tokenizer, tiny_cfg)
+    cu.save_checkpoint(tmp_path / "ckpt", model, tokenizer, tiny_cfg)  # overwriting is safe
+    loaded, loaded_tok, cfg = cu.load_checkpoint(tmp_path / "ckpt")
+    assert cfg == tiny_cfg
+    assert torch.equal(cu.encode_images(loaded, images, cfg), before_i)
+    assert torch.equal(cu.encode_texts(loaded, loaded_tok, captions, cfg), before_t)
+    assert not (tmp_path / "ckpt.tmp").exists()
+
+
+def test_mismatched_checkpoint_lists_the_keys(tmp_path, synthetic, tiny_model, tiny_cfg):
+    import dataclasses
+
+    model, tokenizer = tiny_model
+    cu.save_checkpoint(tmp_path / "ckpt", model, tokenizer, tiny_cfg)
+    other, _ = cu.build_model(dataclasses.replace(tiny_cfg, projection_dim=16), captions=synthetic[1]["caption"])
+    with pytest.raises(ValueError, match="shape mismatch \\['image_projection"):
+        cu._load_weights(other, tmp_path / "ckpt" / "model.safetensors")
+
+
+def test_published_layout_state_dict_loads(tmp_path, tiny_model, tiny_cfg):
+    import dataclasses
+
+    model, _ = tiny_model
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "logit_scale"}  # published: no temperature
+    torch.save(state, tmp_path / "model.pt")
+    cfg = dataclasses.replace(tiny_cfg, residual_heads=False)
+    published = cu.load_published_checkpoint(tmp_path / "model.pt", cfg,
+                                             text_encoder_model=type(model.text_encoder.model)(
+                                                 model.text_encoder.model.config))
+    assert torch.equal(published.image_projection.fc.weight, model.image_projection.fc.weight)
+    assert published.image_projection.residual is False
+    assert published.logit_scale.item() == 0.0  # temperature 1, as the published loss used
+
+
+def test_full_mode_path_loads_a_local_pretrained_bert(tmp_path, synthetic, tiny_cfg):
+    """The pretrained-text code path (AutoModel/AutoTokenizer by name) run offline on a saved tiny BERT."""
+    import dataclasses
+    from transformers import BertConfig, BertModel
+
+    tokenizer = cu.train_wordpiece_tokenizer(synthetic[1]["caption"], vocab_size=300)
+    BertModel(BertConfig(vocab_size=len(tokenizer), **tiny_cfg.text_config)).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    cfg = dataclasses.replace(tiny_cfg, text_pretrained=True, text_model=str(tmp_path / "bert"), pooling="mean")
+    with pytest.warns(UserWarning, match="matras"):  # its tiny vocabulary lacks क्ष: [UNK], and we say so
+        model, tok = cu.build_model(cfg)
+    assert cu.encode_texts(model, tok, ["एक लाल गोला"], cfg).shape == (1, cfg.projection_dim)
+
+
+def test_config_presets_and_env(monkeypatch):
+    full = cu.Config.full()
+    assert (full.image_model, full.text_model, full.batch_size, full.head_lr) == (
+        "resnet50", "l3cube-pune/hindi-bert-v2", 32, 1e-3)
+    monkeypatch.setenv("CLIP_HINDI_MODE", "quick")
+    assert cu.Config.from_env().mode == "quick"
+    monkeypatch.setenv("CLIP_HINDI_MODE", "full")
+    assert cu.Config.from_env(batch_size=8).batch_size == 8
+    monkeypatch.setenv("CLIP_HINDI_MODE", "fast")
+    with pytest.raises(ValueError):
+        cu.Config.from_env()
