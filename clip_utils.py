@@ -180,9 +180,10 @@ def train_wordpiece_tokenizer(captions, vocab_size: int = 1000):
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # Unicode-aware: danda is punctuation
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     tok.train_from_iterator((normalize_caption(c) for c in captions), trainer=trainer)
     # The trainer breaks frequency ties in hash order, so ids differ run to run: renumber them.
+    # (If vocab_size cuts among equally frequent pieces, which ones survive can still vary.)
     learned = sorted(set(tok.get_vocab()) - set(specials))
     tok.model = models.WordPiece({t: i for i, t in enumerate(specials + learned)}, unk_token="[UNK]")
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
@@ -891,7 +892,7 @@ def recall_at_k(similarity: torch.Tensor, caption_to_image, ks=(1, 5, 10)) -> di
         ks: the K values to report.
     """
     similarity = torch.as_tensor(similarity, dtype=torch.float32)
-    caption_to_image = torch.as_tensor(caption_to_image, dtype=torch.long)
+    caption_to_image = torch.tensor(np.asarray(caption_to_image), dtype=torch.long)
     n_captions, n_images = similarity.shape
     correct = torch.zeros(n_captions, n_images, dtype=torch.bool)  # (M, N)
     correct[torch.arange(n_captions), caption_to_image] = True

@@ -23,7 +23,7 @@ def synthetic(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_cfg(tmp_path_factory):
     """Quick mode shrunk further so model tests take milliseconds."""
-    return cu.Config.quick(image_size=32, batch_size=8, epochs=1, vocab_size=300,
+    return cu.Config.quick(image_size=32, batch_size=8, epochs=1, vocab_size=1000,
                            text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                             intermediate_size=64, max_position_embeddings=64),
                            image_model_kwargs=dict(channels=(8, 16, 16, 32), stem_width=8),
