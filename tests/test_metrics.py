@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -34,3 +35,14 @@ def test_several_captions_per_image():
     assert m["i2t_R@2"] == pytest.approx(2 / 3)
     assert m["i2t_R@3"] == 1.0
     assert m["i2t_median_rank"] == 2
+
+
+def test_chunked_top_k_matches_a_full_sort():
+    gallery = torch.nn.functional.normalize(torch.randn(1000, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    query = gallery[123] + 0.01
+    scores, indices = cu.top_k_scores(gallery, query, k=7, chunk_size=64)  # 16 chunks
+    expected = (gallery @ query).topk(7)
+    assert indices.tolist() == expected.indices.tolist()
+    assert torch.allclose(scores, expected.values)
+    np_scores, np_indices = cu.top_k_scores(gallery.numpy(), query, k=7, chunk_size=100)  # e.g. a memory map
+    assert np_indices.tolist() == expected.indices.tolist()

@@ -1,5 +1,6 @@
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,3 +112,64 @@ def test_config_presets_and_env(monkeypatch):
     monkeypatch.setenv("CLIP_HINDI_MODE", "fast")
     with pytest.raises(ValueError):
         cu.Config.from_env()
+
+
+def test_full_mode_path_loads_timm_weights_from_a_local_file(tmp_path, tiny_cfg):
+    """image_pretrained=True goes through timm's own loader; the file stands in for the Hub download."""
+    import dataclasses
+
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet18", num_classes=0, **tiny_cfg.image_model_kwargs)
+    save_file(source.state_dict(), str(tmp_path / "weights.safetensors"))
+    kwargs = dict(tiny_cfg.image_model_kwargs, pretrained_cfg_overlay=dict(file=str(tmp_path / "weights.safetensors")))
+    cfg = dataclasses.replace(tiny_cfg, image_pretrained=True, image_model_kwargs=kwargs)
+    with pytest.warns(UserWarning, match="pretrained at 224 px"):  # tiny_cfg uses 32 px
+        encoder = cu.ImageEncoder(cfg)
+    for key, value in source.state_dict().items():
+        assert torch.equal(encoder.model.state_dict()[key], value), key
+    assert encoder.mean == (0.485, 0.456, 0.406)  # resnet18's own normalisation, from timm's config
+
+
+def test_published_checkpoint_reports_missing_and_unexpected_keys(tmp_path, tiny_model, tiny_cfg):
+    import dataclasses
+
+    model, _ = tiny_model
+    state = {"module." + k: v.clone() for k, v in model.state_dict().items()}  # saved from DataParallel
+    del state["module.text_projection.fc.bias"]
+    state["module.text_encoder.model.embeddings.position_ids"] = torch.arange(64)[None]
+    torch.save(state, tmp_path / "model.pt")
+    cfg = dataclasses.replace(tiny_cfg, residual_heads=False)
+    bert = type(model.text_encoder.model)(model.text_encoder.model.config)
+    with pytest.warns(UserWarning, match=r"1 missing keys \['text_projection.fc.bias'\], 1 unexpected"):
+        cu.load_published_checkpoint(tmp_path / "model.pt", cfg, text_encoder_model=bert)
+    state["module.image_projection.fc.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"shape mismatch \['image_projection.fc.weight'\]"):
+        cu.load_published_checkpoint(tmp_path / "model.pt", cfg, text_encoder_model=bert)
+
+
+def test_gallery_cache_is_reused_and_invalidated(tmp_path, synthetic, tiny_model, tiny_cfg):
+    import shutil
+
+    model, tokenizer = tiny_model
+    images = [shutil.copy(p, tmp_path) for p in synthetic[1]["image"].unique()[:5]]
+    cache = tmp_path / "cache"
+    first = cu.embed_gallery(model, images, tiny_cfg, cache_dir=cache)
+    assert len(list(cache.glob("gallery-*.npy"))) == 1
+    again = cu.embed_gallery(model, images, tiny_cfg, cache_dir=cache, in_memory=False)  # reused, from disk
+    assert isinstance(again, np.memmap) and np.array_equal(again, first.numpy())
+    assert len(list(cache.glob("gallery-*.npy"))) == 1
+    cu.embed_gallery(model, images[:4], tiny_cfg, cache_dir=cache)  # another file list
+    assert len(list(cache.glob("gallery-*.npy"))) == 2
+    with torch.no_grad():
+        model.image_projection.layer_norm.bias.add_(0.5)  # "retrained"
+    try:
+        changed = cu.embed_gallery(model, images, tiny_cfg, cache_dir=cache)
+    finally:
+        with torch.no_grad():
+            model.image_projection.layer_norm.bias.sub_(0.5)
+    assert len(list(cache.glob("gallery-*.npy"))) == 3 and not torch.equal(changed, first)
+    hits = cu.search_images("एक लाल गोला", model, tokenizer, images, tiny_cfg, k=3, image_embeds=first)
+    assert len(hits) == 3 and set(hits["image"]) <= set(images)
