@@ -488,6 +488,7 @@ def download(url: str, dest, size: int | None = None, sha256: str | None = None)
         dest: the file to write; "<dest>.part" holds an unfinished download.
         size, sha256: expected size in bytes and checksum, verified when given.
     """
+    import urllib.error
     import urllib.request
 
     from tqdm.auto import tqdm
@@ -501,15 +502,22 @@ def download(url: str, dest, size: int | None = None, sha256: str | None = None)
     part = dest.with_name(dest.name + ".part")
     done = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        if getattr(response, "status", None) != 206:  # the server sent the whole file: start over
-            done = 0
-        remaining = int(response.headers.get("Content-Length") or 0)
-        with open(part, "ab" if done else "wb") as f, tqdm(
-                total=done + remaining or None, initial=done, unit="B", unit_scale=True, desc=dest.name) as bar:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                f.write(chunk)
-                bar.update(len(chunk))
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as error:
+        if error.code != 416:  # 416: nothing after byte `done`: the part file is already complete
+            raise
+        response = None
+    if response is not None:
+        with response:
+            if getattr(response, "status", None) != 206:  # the server sent the whole file: start over
+                done = 0
+            remaining = int(response.headers.get("Content-Length") or 0)
+            with open(part, "ab" if done else "wb") as f, tqdm(
+                    total=done + remaining or None, initial=done, unit="B", unit_scale=True, desc=dest.name) as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
     got = part.stat().st_size
     if size is not None and got != size:
         raise IOError(f"download of {url} has {got} bytes, expected {size}; run again to resume")

@@ -98,6 +98,9 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self):
         start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-") or 0)
+        if start >= len(self.payload):
+            self.send_error(416)
+            return
         body = self.payload[start:]
         self.send_response(206 if start else 200)
         self.send_header("Content-Length", str(len(body)))
@@ -124,6 +127,8 @@ def test_download_resumes_a_partial_file_and_verifies(server, tmp_path):
     (tmp_path / "data.bin.part").write_bytes(payload[:1000])  # a download cut off earlier
     cu.download(server, dest, size=len(payload), sha256=hashlib.sha256(payload).hexdigest())
     assert dest.read_bytes() == payload and not (tmp_path / "data.bin.part").exists()
+    (tmp_path / "done.bin.part").write_bytes(payload)  # killed after the last byte, before the rename
+    assert cu.download(server, tmp_path / "done.bin", size=len(payload)).read_bytes() == payload
     with pytest.raises(IOError, match="sha256"):
         cu.download(server, tmp_path / "other.bin", sha256="0" * 64)
     assert not (tmp_path / "other.bin").exists()
