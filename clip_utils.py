@@ -505,7 +505,10 @@ def download(url: str, dest, size: int | None = None, sha256: str | None = None)
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as error:
-        if error.code != 416:  # 416: nothing after byte `done`: the part file is already complete
+        error.close()
+        # 416 "range not satisfiable": complete only if the server's size ("bytes */N") is what we have
+        if error.code != 416 or error.headers.get("Content-Range", "").rpartition("/")[2] != str(done):
+            part.unlink(missing_ok=True)  # a stale part file bigger than the file: start over next time
             raise
         response = None
     if response is not None:
@@ -518,6 +521,9 @@ def download(url: str, dest, size: int | None = None, sha256: str | None = None)
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     f.write(chunk)
                     bar.update(len(chunk))
+        if remaining and part.stat().st_size != done + remaining:  # the connection dropped early
+            raise IOError(f"download of {url} stopped at {part.stat().st_size} of {done + remaining} bytes; "
+                          "run again to resume")
     got = part.stat().st_size
     if size is not None and got != size:
         raise IOError(f"download of {url} has {got} bytes, expected {size}; run again to resume")
@@ -581,7 +587,10 @@ def read_captions(source) -> pd.DataFrame:
 
     source = str(source)
     if source.startswith(("http://", "https://")):
-        source = download(source, Path.home() / ".cache" / "clip-hindi" / Path(source).name)
+        import hashlib
+
+        tag = hashlib.sha1(source.encode()).hexdigest()[:8]  # two URLs may end in the same file name
+        source = download(source, Path.home() / ".cache" / "clip-hindi" / f"{tag}-{Path(source).name}")
     text = Path(source).read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
@@ -589,10 +598,14 @@ def read_captions(source) -> pd.DataFrame:
     first = lines[0]
     if "\t" in first and "#" in first.split("\t")[0]:
         pairs = [line.split("\t", 1) for line in lines]
-    elif [c.strip().lower() for c in first.split(",")[:2]] == ["image", "caption"]:
-        rows = list(csv.reader(io.StringIO(text)))[1:]
-        # unquoted commas split a caption into several fields: join them back
-        pairs = [(row[0], ",".join(row[1:])) for row in rows if row]
+    elif {"image", "caption"} <= {c.strip().lower() for c in next(csv.reader([first]))}:
+        header, *rows = [row for row in csv.reader(io.StringIO(text)) if row]
+        header = [c.strip().lower() for c in header]
+        if header == ["image", "caption"]:  # unquoted commas split a caption into fields: join them back
+            pairs = [(row[0], ",".join(row[1:])) for row in rows]
+        else:  # more columns: take the two by name
+            i, j = header.index("image"), header.index("caption")
+            pairs = [(row[i], row[j]) if len(row) == len(header) else () for row in rows]
     else:
         pairs = [line.split(None, 1) for line in lines]
     bad = [i + 1 for i, pair in enumerate(pairs) if len(pair) != 2]
@@ -614,11 +627,11 @@ def load_flickr8k(root, captions) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
         captions: a caption file or URL in any format read_captions knows, or a table.
     """
     root = Path(root)
-    image_dirs = [p for p in root.rglob("Flicker8k_Dataset") if p.is_dir()] or \
-                 [p for p in root.rglob("Flickr8k_Dataset") if p.is_dir()]
+    image_dirs = [p for name in ("Flicker8k_Dataset", "Flickr8k_Dataset") for p in root.rglob(name)
+                  if p.is_dir() and "__MACOSX" not in p.parts]  # macOS zips carry a shadow copy
     if not image_dirs:
         raise FileNotFoundError(f"no Flicker8k_Dataset/ folder under {root}: run download_flickr8k first")
-    image_dir = image_dirs[0]
+    image_dir = max(image_dirs, key=lambda p: sum(1 for _ in p.glob("*.jpg")))
     table = captions if isinstance(captions, pd.DataFrame) else read_captions(captions)
     on_disk = {p.name for p in image_dir.iterdir()}
     splits, used = [], set()
@@ -700,9 +713,11 @@ def download_xm3600(data_dir) -> tuple[Path, Path]:
     data_dir = Path(data_dir)
     for url in XM3600_URLS.values():
         _fetch(url, data_dir)
-    jsonl = next(data_dir.rglob("captions.jsonl"))
-    image_dir = next(p.parent for p in data_dir.rglob("*.jpg") if "downloads" not in p.parts)
-    return jsonl, image_dir
+    jsonl = next(data_dir.rglob("captions.jsonl"), None)
+    image = next((p for p in data_dir.rglob("*.jpg") if "downloads" not in p.relative_to(data_dir).parts), None)
+    if jsonl is None or image is None:
+        raise FileNotFoundError(f"captions.jsonl or the .jpg images are missing under {data_dir} after unpacking")
+    return jsonl, image.parent
 
 
 def _resolve(path, cfg: Config) -> str:
@@ -818,6 +833,12 @@ class _PairDataset(torch.utils.data.Dataset):
         return self.transform(image=image)["image"], self.captions[i], int(self.image_ids[i])
 
 
+def _seed_worker(worker_id: int) -> None:
+    """Each worker process augments with its own stream, derived from the loader's per-epoch seed."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(info.seed % 2**32)
+
+
 def _collate(batch, tokenizer, max_length: int) -> dict:
     """Stack images and tokenise captions, padding only to the longest caption in this batch."""
     batch = [item for item in batch if item is not None]
@@ -853,7 +874,7 @@ def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None
     workers = cfg.num_workers if cuda else 0
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=train, drop_last=train and len(dataset) > cfg.batch_size,
-        num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
+        num_workers=workers, pin_memory=cuda, worker_init_fn=_seed_worker,
         collate_fn=partial(_collate, tokenizer=tokenizer, max_length=cfg.max_length),
         generator=torch.Generator().manual_seed(cfg.seed))
 
@@ -1068,7 +1089,8 @@ def _autocast(device: torch.device, precision: str = "auto"):
         return torch.autocast(device.type, enabled=False), None
     if device.type != "cuda":
         return torch.autocast("cpu", dtype=torch.bfloat16), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() or precision == "bf16" else torch.float16
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # a T4 only emulates it: slow
+    dtype = torch.bfloat16 if native_bf16 or precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # fp16 gradients underflow
     return torch.autocast("cuda", dtype=dtype), scaler
 
@@ -1172,8 +1194,9 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
             try:
                 loss = train_step(model, batch, optimizer, cfg, autocast, scaler)
             except FloatingPointError as error:
-                raise FloatingPointError(f"{error} at epoch {epoch}, batch {step}; training stopped. The last good "
-                                         f"weights are in {out_dir / 'best'} and {out_dir / 'last'}") from None
+                kept = (f"the last good weights are in {out_dir / 'best'} and {out_dir / 'last'}" if history
+                        else "no checkpoint was written yet")
+                raise FloatingPointError(f"{error} at epoch {epoch}, batch {step}; training stopped, {kept}") from None
             except torch.OutOfMemoryError as error:
                 raise torch.OutOfMemoryError(f"out of memory at epoch {epoch}, batch {step} with batch_size="
                                              f"{cfg.batch_size}: try Config(batch_size={max(1, cfg.batch_size // 2)}) "
@@ -1318,8 +1341,8 @@ def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=t
                   in_memory: bool = True):
     """Gallery embeddings (N, D), computed once and cached on disk for later searches.
 
-    The cache file is named by a hash of the model weights and of the file list (paths, sizes,
-    modification times), so a retrained model or a changed gallery computes afresh. float16
+    The cache file is named by a hash of the model weights, the preprocessing and the file list
+    (paths, sizes, modification times), so a retrained model or a changed gallery computes afresh. float16
     halves memory and search time; the ranking barely changes.
 
     Args:
@@ -1332,9 +1355,11 @@ def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=t
     """
     import hashlib
 
+    if dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"embed_gallery stores float16 or float32, not {dtype}")
     if cache_dir is None:
         return encode_images(model, images, cfg).to(dtype)
-    files = hashlib.sha1()
+    files = hashlib.sha1(f"{cfg.image_size} {model.image_encoder.mean} {model.image_encoder.std}\n".encode())
     for image in images:
         stat = os.stat(_resolve(image, cfg))
         files.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -1359,7 +1384,7 @@ def top_k_scores(image_embeds, query_embed: torch.Tensor, k: int, chunk_size: in
         k: how many results.
         chunk_size: rows per chunk; bounds the temporary memory.
     """
-    best_scores, best_indices = [], []
+    best_scores, best_indices = [torch.empty(0)], [torch.empty(0, dtype=torch.long)]  # an empty gallery finds nothing
     for start in range(0, len(image_embeds), chunk_size):
         chunk = image_embeds[start:start + chunk_size]
         chunk = torch.from_numpy(np.array(chunk)) if isinstance(chunk, np.ndarray) else chunk  # reads a memory map
@@ -1596,6 +1621,8 @@ def load_published_checkpoint(path_or_repo="damerajee/clip-hindi", cfg: Config |
 
     path = Path(str(path_or_repo))
     if not path.exists():
+        if path.suffix or str(path_or_repo).count("/") != 1:  # looks like a file, not "owner/name"
+            raise FileNotFoundError(f"no checkpoint file {path}")
         from huggingface_hub import hf_hub_download
 
         path = Path(hf_hub_download(str(path_or_repo), "model.pt"))
@@ -1608,6 +1635,9 @@ def load_published_checkpoint(path_or_repo="damerajee/clip-hindi", cfg: Config |
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
     missing, unexpected = _load_state(model, state, strict=False)
     missing = [k for k in missing if k != "logit_scale"]  # the published loss had no learnable temperature
+    if len(missing) > len(state) // 2:
+        raise ValueError(f"{path} does not hold the published layout: {len(missing)} of the model's keys are "
+                         f"missing (e.g. {missing[:3]}); its own keys look like {list(state)[:3]}")
     if missing or unexpected:
         warnings.warn(f"published checkpoint {path}: {len(missing)} missing keys {missing[:5]}, "
                       f"{len(unexpected)} unexpected keys {unexpected[:5]}")

@@ -11,6 +11,7 @@ and the gallery's memory. float16 (the cache default) and float32 side by side.
 """
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -73,6 +74,7 @@ def main():
             path.unlink()
     print("\nsummary (ms per query, including query encoding):")
     print(pd.DataFrame(rows).round(2).to_string(index=False))
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Captions follow a Flickr8k-Hindi-like length distribution (most 8-20 words, a ta
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -209,6 +210,7 @@ def main():
     print(table.round(2).to_string())
     print(f"speed-up (ours / published, median samples/s): "
           f"{table.loc['ours', 'samples_per_s'] / table.loc['published', 'samples_per_s']:.2f}x")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,19 @@ def test_relative_paths_use_image_dir(synthetic):
     df["image"] = [p.rsplit("/", 1)[1] for p in df["image"]]
     clean = cu.clean_table(df, cu.Config.quick(image_dir=folder, on_bad_input="raise"))
     assert len(clean) == 3
+
+
+def test_loader_workers_augment_reproducibly(synthetic, tiny_model, tiny_cfg):
+    """On a GPU, workers load the data: each gets its own augmentation stream, the same every run."""
+    _, tokenizer = tiny_model
+    dataset = cu.make_loader(synthetic[1].head(8), tokenizer, tiny_cfg, train=True).dataset
+
+    def first_epoch(seed):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=cu._seed_worker,
+                                             generator=torch.Generator().manual_seed(seed),
+                                             collate_fn=lambda items: torch.stack([item[0] for item in items]))
+        return list(loader)
+
+    a, b, c = first_epoch(0), first_epoch(0), first_epoch(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))

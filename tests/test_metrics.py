@@ -46,3 +46,8 @@ def test_chunked_top_k_matches_a_full_sort():
     assert torch.allclose(scores, expected.values)
     np_scores, np_indices = cu.top_k_scores(gallery.numpy(), query, k=7, chunk_size=100)  # e.g. a memory map
     assert np_indices.tolist() == expected.indices.tolist()
+
+
+def test_empty_gallery_finds_nothing():
+    scores, indices = cu.top_k_scores(torch.empty(0, 16), torch.ones(16) / 4, k=5)
+    assert len(scores) == len(indices) == 0

@@ -144,6 +144,11 @@ def test_published_checkpoint_reports_missing_and_unexpected_keys(tmp_path, tiny
     bert = type(model.text_encoder.model)(model.text_encoder.model.config)
     with pytest.warns(UserWarning, match=r"1 missing keys \['text_projection.fc.bias'\], 1 unexpected"):
         cu.load_published_checkpoint(tmp_path / "model.pt", cfg, text_encoder_model=bert)
+    with pytest.raises(FileNotFoundError):
+        cu.load_published_checkpoint(tmp_path / "no_such_model.pt", cfg, text_encoder_model=bert)
+    torch.save({"state_dict": state}, tmp_path / "wrapped.pt")  # nothing matches: an error, not a random model
+    with pytest.raises(ValueError, match="does not hold the published layout"):
+        cu.load_published_checkpoint(tmp_path / "wrapped.pt", cfg, text_encoder_model=bert)
     state["module.image_projection.fc.weight"] = torch.zeros(3, 3)
     torch.save(state, tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"shape mismatch \['image_projection.fc.weight'\]"):

@@ -46,6 +46,13 @@ def test_read_captions_csv_with_commas_and_missing_extension():
     assert df["caption"].iloc[2] == "दो कुत्ते, एक काला और एक चितकबरा, सड़क पर हैं।"  # quoted commas
 
 
+def test_read_captions_csv_with_more_columns(tmp_path):
+    (tmp_path / "c.csv").write_text('"image","caption","split"\n1000268201_693b08cb0e.jpg,"एक बच्ची, सीढ़ियों पर",train\n',
+                                    encoding="utf-8")
+    df = cu.read_captions(tmp_path / "c.csv")
+    assert df.to_dict("records") == [dict(image="1000268201_693b08cb0e.jpg", caption="एक बच्ची, सीढ़ियों पर")]
+
+
 def test_read_captions_space_separated():
     df = cu.read_captions(FIXTURES / "hindi_captions.txt")
     assert df["image"].tolist() == ["1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg",
@@ -99,13 +106,16 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         start = int(self.headers.get("Range", "bytes=0-")[6:].rstrip("-") or 0)
         if start >= len(self.payload):
-            self.send_error(416)
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(self.payload)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         body = self.payload[start:]
         self.send_response(206 if start else 200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(body[:len(body) // 2] if self.path.endswith("cut.bin") else body)  # cut: connection drops
 
     def log_message(self, *args):
         pass
@@ -129,6 +139,13 @@ def test_download_resumes_a_partial_file_and_verifies(server, tmp_path):
     assert dest.read_bytes() == payload and not (tmp_path / "data.bin.part").exists()
     (tmp_path / "done.bin.part").write_bytes(payload)  # killed after the last byte, before the rename
     assert cu.download(server, tmp_path / "done.bin", size=len(payload)).read_bytes() == payload
+    (tmp_path / "stale.bin.part").write_bytes(payload + b"extra")  # bigger than the file: not complete
+    with pytest.raises(IOError):
+        cu.download(server, tmp_path / "stale.bin")
+    assert not (tmp_path / "stale.bin").exists() and not (tmp_path / "stale.bin.part").exists()
+    with pytest.raises(IOError, match="stopped at"):  # the connection drops halfway
+        cu.download(server.replace("data.bin", "cut.bin"), tmp_path / "cut.bin")
+    assert not (tmp_path / "cut.bin").exists() and (tmp_path / "cut.bin.part").exists()
     with pytest.raises(IOError, match="sha256"):
         cu.download(server, tmp_path / "other.bin", sha256="0" * 64)
     assert not (tmp_path / "other.bin").exists()
