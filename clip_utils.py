@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -438,12 +439,19 @@ def prepare_quick_data(data_dir, n_images: int = 1200, seed: int = 0):
     Test holds every scene with a held-out colour-shape pair, so test captions are
     combinations the model never saw in training.
     """
-    data_dir = Path(data_dir)
-    paths = [data_dir / f"{name}.csv" for name in ("train", "val", "test")]
+    def make():
+        df = make_synthetic_dataset(Path(data_dir) / "images", n_images=n_images, seed=seed)
+        return split_by_image(df, val_frac=0.1, test_frac=0.0, seed=seed, force_test=df["held_out"])
+
+    return _cached_splits(data_dir, make)
+
+
+def _cached_splits(data_dir, make):
+    """(train, val, test) from data_dir/{train,val,test}.csv, or from make() once, then written there."""
+    paths = [Path(data_dir) / f"{name}.csv" for name in ("train", "val", "test")]
     if all(p.exists() for p in paths):
         return tuple(pd.read_csv(p) for p in paths)
-    df = make_synthetic_dataset(data_dir / "images", n_images=n_images, seed=seed)
-    splits = split_by_image(df, val_frac=0.1, test_frac=0.0, seed=seed, force_test=df["held_out"])
+    splits = make()
     for part, path in zip(splits, paths):
         part.to_csv(path, index=False)
     return splits
@@ -471,8 +479,6 @@ PUBLISHED_XM3600_HINDI = {
 
 
 def _sha256(path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -587,8 +593,6 @@ def read_captions(source) -> pd.DataFrame:
 
     source = str(source)
     if source.startswith(("http://", "https://")):
-        import hashlib
-
         tag = hashlib.sha1(source.encode()).hexdigest()[:8]  # two URLs may end in the same file name
         source = download(source, Path.home() / ".cache" / "clip-hindi" / f"{tag}-{Path(source).name}")
     text = Path(source).read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark
@@ -669,14 +673,7 @@ def prepare_full_data(data_dir, captions):
         data_dir: where photos, lists and the CSVs go.
         captions: the Hindi caption file or URL (public copies are machine-translated; see README).
     """
-    data_dir = Path(data_dir)
-    paths = [data_dir / f"{name}.csv" for name in ("train", "val", "test")]
-    if all(p.exists() for p in paths):
-        return tuple(pd.read_csv(p) for p in paths)
-    splits = load_flickr8k(download_flickr8k(data_dir), captions)
-    for part, path in zip(splits, paths):
-        part.to_csv(path, index=False)
-    return splits
+    return _cached_splits(data_dir, lambda: load_flickr8k(download_flickr8k(data_dir), captions))
 
 
 def load_xm3600(captions_jsonl, image_dir, language: str = "hi", all_captions: bool = False) -> pd.DataFrame:
@@ -1328,8 +1325,6 @@ def retrieval_metrics(model: CLIPModel, tokenizer, df: pd.DataFrame, cfg: Config
 
 
 def _model_fingerprint(model: nn.Module) -> str:
-    import hashlib
-
     digest = hashlib.sha1()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
@@ -1353,8 +1348,6 @@ def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=t
         in_memory: False returns a read-only memory map instead of a tensor, for galleries
             larger than memory: top_k_scores then reads it from disk chunk by chunk.
     """
-    import hashlib
-
     if dtype not in (torch.float16, torch.float32):
         raise ValueError(f"embed_gallery stores float16 or float32, not {dtype}")
     if cache_dir is None:
@@ -1635,7 +1628,7 @@ def load_published_checkpoint(path_or_repo="damerajee/clip-hindi", cfg: Config |
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
     missing, unexpected = _load_state(model, state, strict=False)
     missing = [k for k in missing if k != "logit_scale"]  # the published loss had no learnable temperature
-    if len(missing) > len(state) // 2:
+    if len(missing) > len(model.state_dict()) // 2:  # e.g. a dict wrapped in {"state_dict": ...}
         raise ValueError(f"{path} does not hold the published layout: {len(missing)} of the model's keys are "
                          f"missing (e.g. {missing[:3]}); its own keys look like {list(state)[:3]}")
     if missing or unexpected:
