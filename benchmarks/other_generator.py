@@ -5,7 +5,7 @@ design the recipe around: other colours and shapes, a 3x3 grid of positions, tex
 backgrounds with drop shadows, and other caption wordings. The 200 test images each contain a
 colour-shape pair that never occurs in train/val, and no two test images share a description.
 
-    python benchmarks/other_generator.py [--seed 0] [--out DIR] [--epochs N] [--train-pairs 2400]
+    python benchmarks/other_generator.py [--seed 0] [--train-seed 42] [--out DIR] [--epochs N] [--train-pairs 2400]
 """
 import argparse
 import math
@@ -180,7 +180,8 @@ def make_split(name, out, rng, held_out, n_images=None, n_pairs=None, seen=None)
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated data")
+    parser.add_argument("--train-seed", type=int, default=None, help="override cfg.seed (init, order, augmentation)")
     parser.add_argument("--out", default=None, help="data folder (default: a new temp dir)")
     parser.add_argument("--epochs", type=int, default=None, help="override cfg.epochs")
     parser.add_argument("--train-pairs", type=int, default=2400)
@@ -200,7 +201,8 @@ def main():
                               test_df.sample(3, random_state=args.seed)])["caption"]:
         print("  ", caption)
 
-    cfg = cu.Config.quick(out_dir=str(out / "run"), **({"epochs": args.epochs} if args.epochs else {}))
+    overrides = {"epochs": args.epochs, "seed": args.train_seed}
+    cfg = cu.Config.quick(out_dir=str(out / "run"), **{k: v for k, v in overrides.items() if v is not None})
     model, tokenizer = cu.build_model(cfg, captions=train_df["caption"])
     t0 = time.time()
     history = cu.fit(model, tokenizer, train_df, val_df, cfg)

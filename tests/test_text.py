@@ -42,6 +42,15 @@ def test_tokenizer_round_trips_devanagari():
     assert cu.keeps_devanagari(tok, "नमस्ते किताबें")
 
 
+def test_unseen_inflection_shares_the_stem():
+    # Training saw black only on masculine shapes (काला, काले); काली must still mean black.
+    tok = cu.train_wordpiece_tokenizer(["एक काला गोला", "दो काले गोले", "हरी पतंग की तस्वीर"] * 3, vocab_size=200)
+    assert tok.tokenize("काली पतंग") == ["काल", "##ी", "पतंग"]
+    assert tok.tokenize("काला")[0] == tok.tokenize("काले")[0] == "काल"
+    assert tok.decode(tok("काली पतंग")["input_ids"], skip_special_tokens=True) == "काली पतंग"
+    assert tok.tokenize("की") == ["की"]  # short function words stay whole
+
+
 def test_accent_stripping_tokenizer_is_caught():
     from tokenizers import normalizers
 
