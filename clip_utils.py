@@ -37,7 +37,8 @@ __all__ = [
     "normalize_caption", "train_wordpiece_tokenizer", "keeps_devanagari",
     "make_synthetic_dataset", "synthetic_classes", "split_by_image", "prepare_quick_data",
     "FLICKR8K_URLS", "XM3600_URLS", "PUBLISHED_XM3600_HINDI", "download", "extract_archive",
-    "read_captions", "load_flickr8k", "download_flickr8k", "prepare_full_data", "load_xm3600", "download_xm3600",
+    "read_captions", "load_flickr8k", "download_flickr8k", "prepare_full_data", "prepare_data", "load_xm3600",
+    "download_xm3600",
     "clean_table",
     "load_image", "image_transforms", "make_loader",
     "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model",
@@ -585,23 +586,20 @@ def extract_archive(archive, dest) -> Path:
     return dest
 
 
-def _fetch(url: str, folder, **verify) -> Path:
+def _fetch(url: str, folder) -> Path:
     """Download and unpack once; a marker file records that unpacking finished."""
     folder = Path(folder)
     marker = folder / f".{Path(url).name}.done"
     if not marker.exists():
-        extract_archive(download(url, folder / "downloads" / Path(url).name, **verify), folder)
+        extract_archive(download(url, folder / "downloads" / Path(url).name), folder)
         marker.touch()
     return folder
-
-
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def _image_name(name: str) -> str:
     """"1000_ab.jpg#2" or "1000_ab" -> "1000_ab.jpg"; other names pass through."""
     name = name.strip().split("#")[0]
-    return name if name.lower().endswith(_IMAGE_SUFFIXES) or "." in name else name + ".jpg"
+    return name if "." in name else name + ".jpg"
 
 
 def read_captions(source) -> pd.DataFrame:
@@ -698,7 +696,24 @@ def prepare_full_data(data_dir, captions):
         data_dir: where photos, lists and the CSVs go.
         captions: the Hindi caption file or URL (public copies are machine-translated; see README).
     """
-    return _cached_splits(data_dir, lambda: load_flickr8k(download_flickr8k(data_dir), captions))
+    def make():
+        if not captions:  # checked before the 1 GB download, not after it
+            raise RuntimeError("Full mode needs Flickr8k Hindi captions: set CLIP_HINDI_CAPTIONS to a local file or "
+                               "URL (CSV image,caption; Flickr8k.token.txt layout; or 'image_id caption' lines). "
+                               "See the README.")
+        return load_flickr8k(download_flickr8k(data_dir), captions)
+
+    return _cached_splits(data_dir, make)
+
+
+def prepare_data(cfg: Config, data_dir, captions=None):
+    """(train, val, test) for cfg.mode: the synthetic set in quick mode, Flickr8k + Hindi captions in full mode.
+
+    Full mode takes the caption file from `captions`, else from the CLIP_HINDI_CAPTIONS environment variable.
+    """
+    if cfg.mode != "full":
+        return prepare_quick_data(data_dir)
+    return prepare_full_data(data_dir, captions or os.environ.get("CLIP_HINDI_CAPTIONS", ""))
 
 
 def load_xm3600(captions_jsonl, image_dir, language: str = "hi", all_captions: bool = False) -> pd.DataFrame:
@@ -1349,9 +1364,12 @@ def retrieval_metrics(model: CLIPModel, tokenizer, df: pd.DataFrame, cfg: Config
     return recall_at_k(text_embeds @ image_embeds.T, caption_to_image)
 
 
-def _model_fingerprint(model: nn.Module) -> str:
+def _image_fingerprint(model: CLIPModel) -> str:
+    """A hash of everything that shapes an image embedding: the image tower and its head, not the text side."""
     digest = hashlib.sha1()
-    for name, tensor in model.state_dict().items():
+    image_side = {**model.image_encoder.state_dict(prefix="image_encoder."),
+                  **model.image_projection.state_dict(prefix="image_projection.")}
+    for name, tensor in image_side.items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -1361,7 +1379,7 @@ def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=t
                   in_memory: bool = True):
     """Gallery embeddings (N, D), computed once and cached on disk for later searches.
 
-    The cache file is named by a hash of the model weights, the preprocessing and the file list
+    The cache file is named by a hash of the image-side weights, the preprocessing and the file list
     (paths, sizes, modification times), so a retrained model or a changed gallery computes afresh. float16
     halves memory and search time; the ranking barely changes.
 
@@ -1381,7 +1399,7 @@ def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=t
     for image in images:
         stat = os.stat(_resolve(image, cfg))
         files.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    name = f"gallery-{_model_fingerprint(model)[:12]}-{files.hexdigest()[:12]}-{str(dtype)[6:]}.npy"
+    name = f"gallery-{_image_fingerprint(model)[:12]}-{files.hexdigest()[:12]}-{str(dtype)[6:]}.npy"
     path = Path(cache_dir) / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1389,8 +1407,8 @@ def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=t
         tmp = path.with_name(path.name + ".tmp.npy")
         np.save(tmp, embeds)
         os.replace(tmp, path)  # a crash mid-write never leaves a truncated cache behind
-    embeds = np.load(path, mmap_mode="r")
-    return torch.from_numpy(np.array(embeds)) if in_memory else embeds
+    embeds = np.load(path, mmap_mode=None if in_memory else "r")
+    return torch.from_numpy(embeds) if in_memory else embeds
 
 
 def top_k_scores(image_embeds, query_embed: torch.Tensor, k: int, chunk_size: int = 1 << 18):
@@ -1558,9 +1576,7 @@ def show_zero_shot(image, class_names, probs, cfg: Config, path=None, top: int =
 def _load_weights(model: nn.Module, path, strict: bool = True) -> tuple[list, list]:
     from safetensors.torch import load_file
 
-    state = load_file(str(path)) if str(path).endswith(".safetensors") else torch.load(
-        path, map_location="cpu", weights_only=True)  # weights_only: a .pt cannot run code on load
-    return _load_state(model, state, strict)
+    return _load_state(model, load_file(str(path)), strict)
 
 
 def _load_state(model: nn.Module, state: dict, strict: bool) -> tuple[list, list]:

@@ -17,7 +17,6 @@ the GPU or CPU has native bf16, as cfg.precision="auto" picks).
 Captions follow a Flickr8k-Hindi-like length distribution (most 8-20 words, a tail to 40).
 """
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -194,7 +193,6 @@ def main():
         bert_config = BertConfig(vocab_size=len(tokenizer), **cfg.text_config)
     else:  # BERT-base with hindi-bert-v2's vocabulary size (ids beyond our small tokenizer's stay unused)
         bert_config = BertConfig(vocab_size=HINDI_BERT_V2_VOCAB, max_position_embeddings=512)
-    cfg = dataclasses.replace(cfg, text_pretrained=False)
     words = df["caption"].str.split().str.len()
     print(f"{args.config} config on {args.device} ({torch.get_num_threads()} threads), batch {cfg.batch_size}, "
           f"{steps} timed steps per run, our precision={cfg.precision}")
