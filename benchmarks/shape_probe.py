@@ -2,11 +2,11 @@
 
 Zero-shot on held-out colour-shape pairs fails mostly on shape (README, "What quick mode learns").
 This script asks whether the image tower could learn colour-independent shapes at all, without
-the contrastive loss in the way: it trains Config.quick()'s image tower (random init, same
-augmentation) as a plain 6-way shape classifier on the single-object training scenes, and tests
+the contrastive loss in the way: it trains Config.quick()'s image backbone (random init, fit's
+augmentation, reseeded each epoch as fit does) with a linear 6-way shape head on average-pooled
+features, on the single-object training scenes, and tests
 it on the single-object test scenes, whose colour-shape pairs never occur in training. The same
-run on grayscale copies of the images shows how much of the gap comes from shape being learned
-together with colour.
+run on grayscale copies of the images (colour removed) is printed for comparison.
 
     python benchmarks/shape_probe.py [--epochs 25] [--n-images 2400] [--seeds 0 1 2]
 """
@@ -26,17 +26,16 @@ import torch.nn.functional as F  # noqa: E402
 
 import clip_utils as cu  # noqa: E402
 
-SHAPES = list(cu._SHAPES)
+SHAPES = list(cu.synthetic_classes("shape"))
 
 
 def single_objects(df):
     return df[df["n_objects"] == 1].drop_duplicates("image").reset_index(drop=True)
 
 
-def pixels(df, cfg, train, gray):
-    """(N, 3, H, W) images, augmented like fit's training batches when `train`; channels averaged if `gray`."""
-    transform = cu.image_transforms(cfg, train)
-    images = torch.stack([transform(image=cu.load_image(p, cfg.image_size))["image"] for p in df["image"]])
+def pixels(arrays, transform, gray):
+    """(N, 3, H, W) tensors of decoded images through `transform`; channels averaged if `gray`."""
+    images = torch.stack([transform(image=a)["image"] for a in arrays])
     return images.mean(1, keepdim=True).expand_as(images).contiguous() if gray else images
 
 
@@ -51,11 +50,16 @@ def probe(train, test, cfg, gray, epochs, seed):
     torch.manual_seed(seed)
     model = timm.create_model(cfg.image_model, pretrained=False, num_classes=len(SHAPES), **cfg.image_model_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.image_encoder_lr)
+    train_arrays = [cu.load_image(p, cfg.image_size) for p in train["image"]]  # decoded once
+    test_arrays = [cu.load_image(p, cfg.image_size) for p in test["image"]]
     labels = torch.tensor([SHAPES.index(s) for s in train["shape"]])
-    test_images, test_labels = pixels(test, cfg, False, gray), torch.tensor([SHAPES.index(s) for s in test["shape"]])
+    evaluate = cu.image_transforms(cfg, train=False)
+    test_images, test_labels = pixels(test_arrays, evaluate, gray), torch.tensor([SHAPES.index(s) for s in test["shape"]])
+    augment = cu.image_transforms(cfg, train=True)
     held_out = []
-    for _ in range(epochs):
-        images = pixels(train, cfg, True, gray)  # fresh augmentation every epoch
+    for epoch in range(epochs):
+        augment.set_random_seed(cfg.seed + epoch)  # a fresh augmentation every epoch, as in fit
+        images = pixels(train_arrays, augment, gray)
         model.train()
         for batch in torch.randperm(len(images)).split(cfg.batch_size):
             loss = F.cross_entropy(model(images[batch]), labels[batch])
@@ -63,7 +67,7 @@ def probe(train, test, cfg, gray, epochs, seed):
             loss.backward()
             optimizer.step()
         held_out.append(accuracy(model, test_images, test_labels))
-    return accuracy(model, pixels(train, cfg, False, gray), labels), sum(held_out[-5:]) / len(held_out[-5:])
+    return accuracy(model, pixels(train_arrays, evaluate, gray), labels), sum(held_out[-5:]) / len(held_out[-5:])
 
 
 def main():
