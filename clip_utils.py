@@ -1477,7 +1477,7 @@ def zero_shot_classify(model: CLIPModel, tokenizer, images, class_names, cfg: Co
                                 for prompts in class_names.values()])  # (C, D)
     class_embeds = F.normalize(class_embeds, dim=-1)  # averaging shrinks the vectors: renormalise
     scale = model.logit_scale.exp().detach().cpu()
-    return (scale * image_embeds @ class_embeds.T).softmax(-1)  # (N, C)
+    return (scale * image_embeds.float() @ class_embeds.T).softmax(-1)  # (N, C); float16 galleries too
 
 
 # ----------------------------------------------------------------------------

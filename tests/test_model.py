@@ -178,3 +178,15 @@ def test_gallery_cache_is_reused_and_invalidated(tmp_path, synthetic, tiny_model
     assert len(list(cache.glob("gallery-*.npy"))) == 3 and not torch.equal(changed, first)
     hits = cu.search_images("एक लाल गोला", model, tokenizer, images, tiny_cfg, k=3, image_embeds=first)
     assert len(hits) == 3 and set(hits["image"]) <= set(images)
+
+
+def test_zero_shot_takes_a_float16_gallery(synthetic, tiny_cfg, tiny_model):
+    _, _, _, test = synthetic
+    model, tokenizer = tiny_model
+    images = list(test["image"].unique()[:4])
+    classes = ["लाल गोला", "नीली पतंग", "हरा तारा"]
+    gallery = cu.embed_gallery(model, images, tiny_cfg)  # float16 by default
+    assert gallery.dtype == torch.float16
+    probs = cu.zero_shot_classify(model, tokenizer, None, classes, tiny_cfg, image_embeds=gallery)
+    exact = cu.zero_shot_classify(model, tokenizer, images, classes, tiny_cfg)
+    assert probs.shape == (4, 3) and torch.allclose(probs, exact, atol=1e-2)
