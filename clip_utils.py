@@ -43,7 +43,7 @@ __all__ = [
     "load_image", "image_transforms", "make_loader",
     "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model",
     "clip_loss", "soft_target_loss",
-    "make_optimizer", "train_step", "fit",
+    "make_optimizer", "train_step", "similar_batches", "fit",
     "encode_images", "encode_texts", "recall_at_k", "retrieval_metrics",
     "embed_gallery", "top_k_scores", "search_images", "zero_shot_classify", "HINDI_TEMPLATES",
     "use_devanagari_font", "plot_history", "show_retrieval", "show_zero_shot",
@@ -85,6 +85,7 @@ class Config:
     freeze: str = "none"  # "image" locks the image tower (LiT: e.g. resnet50_clip.openai), "text", or "none"
     # -- optimisation --
     batch_size: int = 32  # pairs per step; also the number of in-batch negatives + 1
+    hard_negatives: int = 0  # >1: build batches from groups of this many look-alike images (see similar_batches)
     epochs: int = 10  # passes over every caption of the training table
     head_lr: float = 1e-3  # projection heads and temperature
     image_encoder_lr: float = 1e-4  # image tower
@@ -888,7 +889,7 @@ def _collate(batch, tokenizer, max_length: int) -> dict:
                 attention_mask=tokens["attention_mask"], image_ids=torch.tensor(image_ids))
 
 
-def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None, std=None):
+def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None, std=None, batches=None):
     """A DataLoader over every caption row; training shuffles with a seeded generator.
 
     Args:
@@ -897,6 +898,7 @@ def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None
         cfg: batch size, workers, image size, seed.
         train: augment and shuffle (and drop a ragged last batch).
         mean, std: the image encoder's normalisation (defaults to ImageNet's).
+        batches: optional list of row-index lists to use instead of shuffling (see similar_batches).
     """
     norm = {k: v for k, v in dict(mean=mean, std=std).items() if v is not None}
     lengths = np.array([len(ids) for ids in tokenizer(list(df["caption"]))["input_ids"]])
@@ -909,9 +911,10 @@ def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None
     # On a CPU the forward and backward passes already use every core: worker processes would only
     # compete with them (measured: 2 workers on 2 cores made full-size training steps 2x slower).
     workers = cfg.num_workers if cuda else 0
+    order = (dict(batch_sampler=batches) if batches is not None else
+             dict(batch_size=cfg.batch_size, shuffle=train, drop_last=train and len(dataset) > cfg.batch_size))
     return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=train, drop_last=train and len(dataset) > cfg.batch_size,
-        num_workers=workers, pin_memory=cuda, worker_init_fn=_seed_worker,
+        dataset, **order, num_workers=workers, pin_memory=cuda, worker_init_fn=_seed_worker,
         collate_fn=partial(_collate, tokenizer=tokenizer, max_length=cfg.max_length),
         generator=torch.Generator().manual_seed(cfg.seed))
 
@@ -1167,6 +1170,45 @@ def train_step(model: CLIPModel, batch: dict, optimizer, cfg: Config, autocast=N
     return loss.item()
 
 
+def similar_batches(image_embeds, image_ids, batch_size: int, group: int, seed: int) -> list[list[int]]:
+    """Row batches made of groups of images the model finds most alike: hard in-batch negatives.
+
+    In a random batch of simple scenes, colour and position nearly always tell the images apart,
+    so the loss never asks for shape. Grouping each image with its nearest neighbours under the
+    current image embeddings puts exactly the images the model confuses into one softmax. Every
+    row (caption) is still used once per epoch; the ragged last batch is dropped.
+
+    Args:
+        image_embeds: (I, D) embeddings of the table's distinct images.
+        image_ids: (N,) index into image_embeds of each row.
+        batch_size: rows per batch.
+        group: images per group; groups are shuffled, then cut into batches.
+        seed: the same seed and embeddings give the same batches.
+    """
+    rng = np.random.default_rng(seed)
+    image_ids = np.asarray(image_ids)
+    embeds = F.normalize(image_embeds.float(), dim=-1)  # (I, D)
+    similarity = embeds @ embeds.T  # (I, I)
+    similarity.fill_diagonal_(-math.inf)
+    neighbours = similarity.topk(min(4 * group, len(embeds) - 1), dim=1).indices.tolist()  # (I, K), nearest first
+    rows_of = [[] for _ in range(len(embeds))]  # each image's unused rows, in random order
+    for row in rng.permutation(len(image_ids)):
+        rows_of[image_ids[row]].append(int(row))
+    groups = []
+    for image in image_ids[rng.permutation(len(image_ids))]:  # an image anchors as many groups as it has rows
+        if not rows_of[image]:
+            continue
+        members = [rows_of[image].pop()]
+        for other in neighbours[image]:
+            if len(members) == group:
+                break
+            if rows_of[other]:
+                members.append(rows_of[other].pop())
+        groups.append(members)
+    rows = [row for k in rng.permutation(len(groups)) for row in groups[k]]
+    return [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
+
+
 @torch.no_grad()
 def _mean_loss(model, loader, cfg, device, autocast) -> float:
     model.eval()
@@ -1187,7 +1229,8 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
     seconds (and peak GPU memory on CUDA). cfg.out_dir receives "best" (lowest val loss, loaded
     back into `model` at the end), "last" (weights plus optimizer, scheduler and scaler state,
     for resuming) and history.csv. Each epoch reseeds shuffling, augmentation and dropout from
-    cfg.seed and the epoch number, so a resumed run repeats an uninterrupted one.
+    cfg.seed and the epoch number, so a resumed run repeats an uninterrupted one. With
+    cfg.hard_negatives > 1, every epoch after the first takes its batches from similar_batches.
 
     Args:
         model, tokenizer: from build_model.
@@ -1217,12 +1260,18 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
         first_epoch = len(history) + 1
         print(f"resuming after epoch {len(history)} from {out_dir / 'last'}")
     start = time.time()
+    image_ids, images = pd.factorize(train_df["image"])
     for epoch in range(first_epoch, cfg.epochs + 1):
+        epoch_start = time.time()
+        if cfg.hard_negatives > 1 and epoch > 1:  # mine look-alikes with the weights the last epoch left
+            image_embeds = encode_images(model, [_resolve(p, cfg) for p in images], cfg)  # (I, D)
+            batches = similar_batches(image_embeds, image_ids, cfg.batch_size, cfg.hard_negatives, cfg.seed + epoch)
+            train_loader = make_loader(train_df, tokenizer, cfg, train=True, batches=batches, **norm)
         torch.manual_seed(cfg.seed + epoch)  # dropout
         train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling
         train_loader.dataset.transform.set_random_seed(cfg.seed + epoch)  # augmentation
         model.train()
-        epoch_start, running, seen = time.time(), 0.0, 0
+        running, seen = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False)
         for step, batch in enumerate(bar):
             if not batch:

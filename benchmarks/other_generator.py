@@ -6,6 +6,7 @@ backgrounds with drop shadows, and other caption wordings. The 200 test images e
 colour-shape pair that never occurs in train/val, and no two test images share a description.
 
     python benchmarks/other_generator.py [--seed 0] [--train-seed 42] [--out DIR] [--epochs N] [--train-pairs 2400]
+                                         [--hard-negatives G]
 """
 import argparse
 import math
@@ -185,6 +186,7 @@ def main():
     parser.add_argument("--out", default=None, help="data folder (default: a new temp dir)")
     parser.add_argument("--epochs", type=int, default=None, help="override cfg.epochs")
     parser.add_argument("--train-pairs", type=int, default=2400)
+    parser.add_argument("--hard-negatives", type=int, default=None, help="override cfg.hard_negatives")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="other_generator_"))
 
@@ -201,7 +203,7 @@ def main():
                               test_df.sample(3, random_state=args.seed)])["caption"]:
         print("  ", caption)
 
-    overrides = {"epochs": args.epochs, "seed": args.train_seed}
+    overrides = {"epochs": args.epochs, "seed": args.train_seed, "hard_negatives": args.hard_negatives}
     cfg = cu.Config.quick(out_dir=str(out / "run"), **{k: v for k, v in overrides.items() if v is not None})
     model, tokenizer = cu.build_model(cfg, captions=train_df["caption"])
     t0 = time.time()

@@ -48,7 +48,7 @@ def test_quick_mode_learns_far_above_chance(tmp_path):
 def test_resume_after_a_kill_repeats_the_uninterrupted_run(synthetic, tiny_cfg, tmp_path, monkeypatch):
     """Colab dies in epoch 3 of 3: fit(resume=True) continues from "last" to the same history."""
     _, train, val, _ = synthetic
-    cfg = dataclasses.replace(tiny_cfg, epochs=3, out_dir=str(tmp_path / "whole"))
+    cfg = dataclasses.replace(tiny_cfg, epochs=3, hard_negatives=4, out_dir=str(tmp_path / "whole"))
     model, tokenizer = cu.build_model(cfg, captions=train["caption"])
     whole = cu.fit(model, tokenizer, train, val, cfg)
 
@@ -89,3 +89,34 @@ def test_frozen_image_tower_keeps_weights_and_batch_norm(synthetic, tiny_cfg, tm
     assert not torch.equal(text_before, model.text_encoder.model.embeddings.word_embeddings.weight)
     with pytest.raises(ValueError, match="freeze"):
         cu.build_model(dataclasses.replace(cfg, freeze="both"), captions=train["caption"])
+
+
+def test_similar_batches_group_look_alikes_and_use_each_row_once():
+    """Four clusters of four near-identical images: every group of 4 is one cluster, every row used once."""
+    torch.manual_seed(0)
+    centres = torch.randn(4, 16)
+    image_embeds = centres.repeat_interleave(4, 0) + 0.01 * torch.randn(16, 16)  # images 4c..4c+3 alike
+    image_ids = list(range(16)) * 2  # two caption rows per image
+    batches = cu.similar_batches(image_embeds, image_ids, batch_size=8, group=4, seed=3)
+    rows = [row for batch in batches for row in batch]
+    assert len(batches) == 4 and all(len(batch) == 8 for batch in batches)
+    assert sorted(rows) == list(range(32))
+    groups = [rows[i:i + 4] for i in range(0, 32, 4)]
+    assert all(len({image_ids[row] // 4 for row in g}) == 1 for g in groups), groups
+    assert all(len({image_ids[row] for row in g}) == 4 for g in groups)  # four different images
+    assert cu.similar_batches(image_embeds, image_ids, 8, 4, seed=3) == batches
+    assert cu.similar_batches(image_embeds, image_ids, 8, 4, seed=4) != batches
+
+
+def test_fit_mines_batches_from_the_second_epoch(synthetic, tiny_cfg, tmp_path, monkeypatch):
+    _, train, val, _ = synthetic
+    calls, real = [], cu.similar_batches
+    monkeypatch.setattr(cu, "similar_batches", lambda *args: calls.append(args) or real(*args))
+    for group in (0, 4):
+        cfg = dataclasses.replace(tiny_cfg, epochs=2, hard_negatives=group, out_dir=str(tmp_path / str(group)))
+        model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+        cu.fit(model, tokenizer, train, val, cfg)
+    assert len(calls) == 1  # random batches without mining, and in the first epoch
+    image_embeds, image_ids, batch_size, group, _ = calls[0]
+    assert image_embeds.shape == (train["image"].nunique(), cfg.projection_dim) and len(image_ids) == len(train)
+    assert (batch_size, group) == (cfg.batch_size, 4)
