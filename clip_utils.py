@@ -890,7 +890,7 @@ def _collate(batch, tokenizer, max_length: int) -> dict:
 
 
 def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None, std=None, batches=None):
-    """A DataLoader over every caption row; training shuffles with a seeded generator.
+    """A DataLoader over every caption row; training shuffles with a seeded generator unless given batches.
 
     Args:
         df: a clean table (see clean_table).
@@ -1176,7 +1176,8 @@ def similar_batches(image_embeds, image_ids, batch_size: int, group: int, seed: 
     In a random batch of simple scenes, colour and position nearly always tell the images apart,
     so the loss never asks for shape. Grouping each image with its nearest neighbours under the
     current image embeddings puts exactly the images the model confuses into one softmax. Every
-    row (caption) is still used once per epoch; the ragged last batch is dropped.
+    row (caption) is still used once per epoch; the ragged last batch is dropped. A group shrinks
+    when its anchor's nearest images have no unused rows left, and groups may straddle batches.
 
     Args:
         image_embeds: (I, D) embeddings of the table's distinct images.
@@ -1206,6 +1207,8 @@ def similar_batches(image_embeds, image_ids, batch_size: int, group: int, seed: 
                 members.append(rows_of[other].pop())
         groups.append(members)
     rows = [row for k in rng.permutation(len(groups)) for row in groups[k]]
+    if len(rows) <= batch_size:  # as with random batches: a table smaller than one batch is one batch
+        return [rows]
     return [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
 
 
@@ -1264,11 +1267,11 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
     for epoch in range(first_epoch, cfg.epochs + 1):
         epoch_start = time.time()
         if cfg.hard_negatives > 1 and epoch > 1:  # mine look-alikes with the weights the last epoch left
-            image_embeds = encode_images(model, [_resolve(p, cfg) for p in images], cfg)  # (I, D)
+            image_embeds = encode_images(model, list(images), cfg)  # (I, D)
             batches = similar_batches(image_embeds, image_ids, cfg.batch_size, cfg.hard_negatives, cfg.seed + epoch)
             train_loader = make_loader(train_df, tokenizer, cfg, train=True, batches=batches, **norm)
         torch.manual_seed(cfg.seed + epoch)  # dropout
-        train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling
+        train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling (random batches) and worker seeds
         train_loader.dataset.transform.set_random_seed(cfg.seed + epoch)  # augmentation
         model.train()
         running, seen = 0.0, 0

@@ -23,7 +23,12 @@ import clip_utils as cu  # noqa: E402
 
 
 def zero_shot_accuracy(model, tokenizer, single, cfg) -> dict:
-    """Notebook 03's measure: each kind of class, the share of images whose top class is right."""
+    """Notebook 03's measure: each kind of class, the share of images whose top class is right.
+
+    Args:
+        model, tokenizer, cfg: a trained quick-mode run.
+        single: the single-object test scenes, one row per image, with label/shape/colour columns.
+    """
     image_embeds = cu.encode_images(model, list(single["image"]), cfg)
     accuracy = {}
     for kind, column in [("colour_shape", "label"), ("shape", "shape"), ("colour", "colour")]:
@@ -49,8 +54,9 @@ def main():
             model, tokenizer = cu.build_model(cfg, captions=train["caption"])
             start = time.time()
             history = cu.fit(model, tokenizer, train, val, cfg)
+            fit_seconds = time.time() - start
             metrics = cu.retrieval_metrics(model, tokenizer, test, cfg)
-            rows.append(dict(hard_negatives=group, seed=seed, fit_s=round(time.time() - start),
+            rows.append(dict(hard_negatives=group, seed=seed, fit_s=round(fit_seconds),
                              epochs=len(history), **{k: metrics[k] for k in ("t2i_R@1", "t2i_R@5")},
                              **zero_shot_accuracy(model, tokenizer, single, cfg)))
             print(pd.DataFrame(rows[-1:]).round(3).to_string(index=False), flush=True)

@@ -45,10 +45,11 @@ def test_quick_mode_learns_far_above_chance(tmp_path):
     assert metrics["t2i_R@5"] > 4 * chance_at_5, metrics
 
 
-def test_resume_after_a_kill_repeats_the_uninterrupted_run(synthetic, tiny_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("hard_negatives", [0, 4])
+def test_resume_after_a_kill_repeats_the_uninterrupted_run(synthetic, tiny_cfg, tmp_path, monkeypatch, hard_negatives):
     """Colab dies in epoch 3 of 3: fit(resume=True) continues from "last" to the same history."""
     _, train, val, _ = synthetic
-    cfg = dataclasses.replace(tiny_cfg, epochs=3, hard_negatives=4, out_dir=str(tmp_path / "whole"))
+    cfg = dataclasses.replace(tiny_cfg, epochs=3, hard_negatives=hard_negatives, out_dir=str(tmp_path / "whole"))
     model, tokenizer = cu.build_model(cfg, captions=train["caption"])
     whole = cu.fit(model, tokenizer, train, val, cfg)
 
@@ -106,17 +107,37 @@ def test_similar_batches_group_look_alikes_and_use_each_row_once():
     assert all(len({image_ids[row] for row in g}) == 4 for g in groups)  # four different images
     assert cu.similar_batches(image_embeds, image_ids, 8, 4, seed=3) == batches
     assert cu.similar_batches(image_embeds, image_ids, 8, 4, seed=4) != batches
+    small = cu.similar_batches(image_embeds[:3], [0, 1, 2], batch_size=8, group=4, seed=0)
+    assert [sorted(b) for b in small] == [[0, 1, 2]]  # fewer rows than a batch: one batch
 
 
-def test_fit_mines_batches_from_the_second_epoch(synthetic, tiny_cfg, tmp_path, monkeypatch):
+def test_fit_trains_on_mined_batches_from_the_second_epoch(synthetic, tiny_cfg, tmp_path, monkeypatch):
+    """Epoch 2 steps through exactly the batches similar_batches returns, mined from embeddings in row order."""
     _, train, val, _ = synthetic
-    calls, real = [], cu.similar_batches
-    monkeypatch.setattr(cu, "similar_batches", lambda *args: calls.append(args) or real(*args))
+    train = train.sample(frac=1, random_state=0).reset_index(drop=True)  # first-seen order is not path order
+    image_ids = pd.factorize(train["image"])[0]
+    calls, stepped, real_step = [], [], cu.train_step
+
+    def fake_similar_batches(image_embeds, ids, batch_size, group, seed):
+        rows = [0, 5, len(train) - 1]
+        direct = cu.encode_images(model, list(train["image"][rows]), cfg)  # the same weights, encoded here
+        calls.append(dict(aligned=torch.allclose(image_embeds[ids[rows]], direct, atol=1e-5),
+                          ids=list(ids), batch_size=batch_size, group=group))
+        return [[5, 0, 3, 7], [1, 2]]
+
+    def recording_step(model, batch, *args, **kwargs):
+        stepped.append(batch["image_ids"].tolist())
+        return real_step(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(cu, "similar_batches", fake_similar_batches)
+    monkeypatch.setattr(cu, "train_step", recording_step)
     for group in (0, 4):
         cfg = dataclasses.replace(tiny_cfg, epochs=2, hard_negatives=group, out_dir=str(tmp_path / str(group)))
         model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+        stepped.clear()
         cu.fit(model, tokenizer, train, val, cfg)
-    assert len(calls) == 1  # random batches without mining, and in the first epoch
-    image_embeds, image_ids, batch_size, group, _ = calls[0]
-    assert image_embeds.shape == (train["image"].nunique(), cfg.projection_dim) and len(image_ids) == len(train)
-    assert (batch_size, group) == (cfg.batch_size, 4)
+    assert len(calls) == 1  # never without hard_negatives, never in the first epoch
+    assert calls[0]["aligned"] and calls[0]["ids"] == list(image_ids)
+    assert (calls[0]["batch_size"], calls[0]["group"]) == (cfg.batch_size, 4)
+    # a batch carries each row's factorized image id
+    assert stepped[-2:] == [[image_ids[r] for r in [5, 0, 3, 7]], [image_ids[r] for r in [1, 2]]]
