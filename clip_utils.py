@@ -856,7 +856,7 @@ class _PairDataset(torch.utils.data.Dataset):
     def __init__(self, df: pd.DataFrame, cfg: Config, transform):
         self.paths = [_resolve(p, cfg) for p in df["image"]]
         self.captions = list(df["caption"])
-        self.image_ids = pd.factorize(df["image"])[0]  # captions of one image share an id
+        self.image_ids, self.images = pd.factorize(df["image"])  # captions of one image share an id
         self.transform, self.max_side = transform, cfg.image_size
 
     def __len__(self):
@@ -1263,12 +1263,12 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
         first_epoch = len(history) + 1
         print(f"resuming after epoch {len(history)} from {out_dir / 'last'}")
     start = time.time()
-    image_ids, images = pd.factorize(train_df["image"])
     for epoch in range(first_epoch, cfg.epochs + 1):
         epoch_start = time.time()
         if cfg.hard_negatives > 1 and epoch > 1:  # mine look-alikes with the weights the last epoch left
-            image_embeds = encode_images(model, list(images), cfg)  # (I, D)
-            batches = similar_batches(image_embeds, image_ids, cfg.batch_size, cfg.hard_negatives, cfg.seed + epoch)
+            pairs = train_loader.dataset
+            image_embeds = encode_images(model, list(pairs.images), cfg)  # (I, D), indexed by pairs.image_ids
+            batches = similar_batches(image_embeds, pairs.image_ids, cfg.batch_size, cfg.hard_negatives, cfg.seed + epoch)
             train_loader = make_loader(train_df, tokenizer, cfg, train=True, batches=batches, **norm)
         torch.manual_seed(cfg.seed + epoch)  # dropout
         train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling (random batches) and worker seeds
