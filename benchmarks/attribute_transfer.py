@@ -1,18 +1,16 @@
-"""Where does zero-shot on unseen colour-shape pairs break: the prompts, the text tower or the image tower?
+"""Why does zero-shot fail on unseen colour-shape pairs: the prompts, the shapes, or the unseen pairs?
 
 Loads a trained quick-mode checkpoint (notebook 02's runs/quick/best by default) with notebook 01's
-tables and compares single-object scenes of seen pairs (training split) with those of unseen pairs
-(test split):
+tables and scores zero-shot classification of single-object scenes in three groups: seen pairs the
+model trained on (training split), seen pairs in new scenes (validation split) and unseen pairs
+(test split). The prompts get more and more help:
 
-1. zero-shot accuracy with notebook 03's prompts, over all 48 colour-shape classes and over the
-   6 held-out classes only;
-2. zero-shot over the 48 classes with prompts that also name a place, as every single-object
-   training caption does: averaged over the 10 places and sizes, the best-matching one of those 10,
-   or the one naming the image's true place and size;
-3. linear probes for shape and colour, trained on seen pairs and tested on unseen pairs, on the
-   image embeddings, the image backbone's features (trained, and untrained as the baseline) and the
-   caption embeddings. A probe can learn "red, so not a triangle" from the seen pairs; the caption
-   embeddings, probed the same way, show how far that alone goes.
+1. notebook 03's prompts, which name no place, over all 48 colour-shape classes, and over only the
+   6 held-out classes;
+2. prompts that name a place, as every single-object training caption does: each class averaged
+   over its 10 places and sizes (zero_shot_classify), or the best-matching of the 10, or the one
+   naming the scene's true place and size;
+3. the shape alone: 6 prompts naming the scene's true colour, place and size, one per shape.
 
 Takes about 15 s on 2 CPU cores, plus about 2 minutes with --train-seed, which first trains the
 default quick recipe with that seed instead of loading the checkpoint.
@@ -28,83 +26,61 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import clip_utils as cu  # noqa: E402
 
-PLACES = {place: words[0] for place, (_, words) in cu._POSITIONS.items()}  # "बाएँ" -> "बाईं ओर"
+PAIRS = [(colour, shape) for colour in cu._COLOURS for shape in cu._SHAPES]  # the 48 classes
+SIZES = list(cu._SIZES)
+PLACES = list(cu._POSITIONS)
 
 
-def place_and_size(caption: str) -> tuple[str, str]:
-    """The place and size a single-object caption names (every wording of a place is listed)."""
-    place = next(p for p, (_, words) in cu._POSITIONS.items() if any(w in caption for w in words))
-    size = "बड़ा" if any(w in caption for w in ("बड़ा", "बड़ी", "बड़े")) else "छोटा"
-    return place, size
+def place_prompt(colour: str, shape: str, size: str, place: str) -> str:
+    """A single-object training caption's simplest wording, e.g. 'बाईं ओर एक बड़ी नीली पतंग।'."""
+    size_word = cu._inflect(size, cu._SHAPES[shape][0][1], False)
+    return f"{cu._POSITIONS[place][1][0]} एक {size_word} {cu._class_name(colour, shape)}।"
 
 
-def place_prompts(model, tokenizer, cfg) -> tuple[list, torch.Tensor]:
-    """Keys (colour, shape, size, place) and embeddings (K, D) of prompts like 'बाईं ओर एक बड़ा लाल गोला।'."""
-    keys = [(colour, shape, size, place) for colour in cu._COLOURS for shape in cu._SHAPES
-            for size in cu._SIZES for place in PLACES]
-    texts = [f"{PLACES[place]} एक {cu._inflect(size, cu._SHAPES[shape][0][1], False)} "
-             f"{cu._class_name(colour, shape)}।" for colour, shape, size, place in keys]
-    return keys, cu.encode_texts(model, tokenizer, texts, cfg).float()
+def place_and_size(caption: str) -> tuple[int, int]:
+    """Indices into PLACES and SIZES of what a single-object caption says (any of its wordings)."""
+    place = next(i for i, p in enumerate(PLACES) if any(w in caption for w in cu._POSITIONS[p][1]))
+    big = any(w in caption for w in ("बड़ा", "बड़ी", "बड़े"))
+    return place, SIZES.index("बड़ा" if big else "छोटा")
 
 
-def zero_shot(model, tokenizer, scenes, image_embeds, cfg, prompt_keys, prompt_embeds) -> dict:
-    """Accuracy of the colour-shape zero-shot classes, scored five ways (see the module docstring)."""
+def zero_shot_accuracy(model, tokenizer, scenes: pd.DataFrame, cfg) -> dict:
+    """Accuracy of each way of prompting (see the module docstring) on single-object scenes."""
+    names = [cu._class_name(colour, shape) for colour, shape in PAIRS]
+    image_embeds = cu.encode_images(model, list(scenes["image"]), cfg).float()  # (N, D)
+    predicted = {}
+
     classes = cu.synthetic_classes("colour_shape")
-    names = list(classes)
-    probs = cu.zero_shot_classify(model, tokenizer, None, classes, cfg, image_embeds=image_embeds)  # (N, 48)
-    held = [names.index(cu._class_name(c, s)) for c, s in cu.HELD_OUT_PAIRS]
-    result = {"notebook 03 prompts, 48 classes": probs.argmax(1).tolist(),
-              "notebook 03 prompts, 6 held-out classes": [held[i] for i in probs[:, held].argmax(1).tolist()]}
+    probs = cu.zero_shot_classify(model, tokenizer, None, {n: classes[n] for n in names}, cfg,
+                                  image_embeds=image_embeds)  # (N, 48)
+    predicted["notebook 03 prompts, 48 classes"] = probs.argmax(1).numpy()
+    held_out = np.array([names.index(cu._class_name(c, s)) for c, s in cu.HELD_OUT_PAIRS])
+    predicted["notebook 03 prompts, only the 6 held-out classes"] = held_out[probs[:, held_out].argmax(1).numpy()]
 
-    similarity = image_embeds.float() @ prompt_embeds.T  # (N, K)
-    of_class = torch.tensor([names.index(cu._class_name(c, s)) for c, s, _, _ in prompt_keys])  # (K,)
-    per_class = torch.stack([similarity[:, of_class == k] for k in range(len(names))], 1)  # (N, 48, 10)
-    averaged = F.normalize(torch.stack([prompt_embeds[of_class == k].mean(0) for k in range(len(names))]), dim=-1)
-    result["place prompts, averaged"] = (image_embeds.float() @ averaged.T).argmax(1).tolist()
-    result["place prompts, best-matching"] = per_class.max(-1).values.argmax(1).tolist()
-    index = {key: i for i, key in enumerate(prompt_keys)}
-    true_prompts = []
-    for n, caption in enumerate(scenes["caption"]):
-        place, size = place_and_size(caption)
-        columns = [index[(c, s, size, place)] for c in cu._COLOURS for s in cu._SHAPES]  # class order
-        true_prompts.append(similarity[n, columns].argmax().item())
-    result["place prompts, true place and size"] = true_prompts
-    return {how: (scenes["label"] == [names[i] for i in predicted]).mean() for how, predicted in result.items()}
+    prompts = {name: [place_prompt(c, s, size, place) for size in SIZES for place in PLACES]
+               for name, (c, s) in zip(names, PAIRS)}
+    probs = cu.zero_shot_classify(model, tokenizer, None, prompts, cfg, image_embeds=image_embeds)
+    predicted["place prompts, averaged over places and sizes"] = probs.argmax(1).numpy()
+    prompt_embeds = cu.encode_texts(model, tokenizer, sum(prompts.values(), []), cfg).float()
+    similarity = (image_embeds @ prompt_embeds.T).view(len(scenes), len(PAIRS), len(SIZES), len(PLACES))
+    predicted["place prompts, best-matching place and size"] = similarity.flatten(2).amax(-1).argmax(1).numpy()
 
+    told = torch.tensor([place_and_size(caption) for caption in scenes["caption"]])  # (N, 2): place, size
+    rows = torch.arange(len(scenes))
+    given_place = similarity[rows, :, told[:, 1], told[:, 0]]  # (N, 48): each class at the scene's place and size
+    predicted["place prompts, the true place and size"] = given_place.argmax(1).numpy()
+    same_colour = torch.tensor([[c == colour for c, _ in PAIRS] for colour in scenes["colour"]])  # (N, 48)
+    other_colours_out = given_place.masked_fill(~same_colour, -2.0)  # cosines are >= -1
+    predicted["shape only: true colour, place and size"] = other_colours_out.argmax(1).numpy()
 
-def probe_accuracy(train_x, train_y, test_x, test_y, steps: int = 300) -> tuple[float, float]:
-    """Train and test accuracy of a full-batch logistic regression (notebook 05's probe)."""
-    names = sorted(set(train_y))
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    train_t = torch.tensor([names.index(y) for y in train_y])
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(train_x.shape[1], len(names))
-    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.01, weight_decay=1e-2)
-    for _ in range(steps):
-        loss = F.cross_entropy(layer(train_x), train_t)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        accuracy = [(pd.Series([names[i] for i in layer(x).argmax(1).tolist()]) == list(y)).mean()
-                    for x, y in [(train_x, train_y), (test_x, test_y)]]
-    return accuracy[0], accuracy[1]
-
-
-@torch.no_grad()
-def backbone_features(model, paths, cfg) -> torch.Tensor:
-    """The image tower's features before the projection head (notebook 05's probe input), (N, F)."""
-    encoder = model.image_encoder.eval()
-    transform = cu.image_transforms(cfg, train=False, mean=encoder.mean, std=encoder.std)
-    pixels = torch.stack([transform(image=cu.load_image(p, cfg.image_size))["image"] for p in paths])
-    return encoder(pixels.to(next(encoder.parameters()).device)).float().cpu()
+    truth = np.array([names.index(label) for label in scenes["label"]])
+    return {how: (classes_ == truth).mean() for how, classes_ in predicted.items()}
 
 
 def main():
@@ -122,37 +98,17 @@ def main():
     if not (Path(args.checkpoint) / "model.safetensors").exists():
         sys.exit(f"No checkpoint in {args.checkpoint}: run notebook 02 (or bash run_all.sh) first")
     model, tokenizer, cfg = cu.load_checkpoint(args.checkpoint)
-    captions = {"seen": train[train["n_objects"] == 1], "unseen": test[test["n_objects"] == 1]}
-    scenes = {split: rows.drop_duplicates("image").reset_index(drop=True) for split, rows in captions.items()}
-    print(f"{args.checkpoint}: single-object scenes, {len(scenes['seen'])} of seen pairs (training split), "
-          f"{len(scenes['unseen'])} of unseen pairs (test split)\n")
 
-    prompt_keys, prompt_embeds = place_prompts(model, tokenizer, cfg)
-    image_embeds = {split: cu.encode_images(model, list(s["image"]), cfg) for split, s in scenes.items()}
-    table = pd.DataFrame({split: zero_shot(model, tokenizer, scenes[split], image_embeds[split], cfg,
-                                           prompt_keys, prompt_embeds) for split in scenes})
-    table.loc["notebook 03 prompts, 6 held-out classes", "seen"] = float("nan")  # no seen scene has one
-    print("zero-shot accuracy (chance: 48 classes 0.021, 6 classes 0.167)")
-    print(table.round(3).to_string(), "\n")
-
-    untrained, _ = cu.build_model(cfg, captions=train["caption"])  # same config and seed, no training
-    features = {
-        "image embeddings": {s: image_embeds[s].float() for s in scenes},
-        "image backbone": {s: backbone_features(model, list(scenes[s]["image"]), cfg) for s in scenes},
-        "untrained image backbone": {s: backbone_features(untrained, list(scenes[s]["image"]), cfg) for s in scenes},
-        "caption embeddings": {s: cu.encode_texts(model, tokenizer, list(captions[s]["caption"]), cfg).float()
-                               for s in scenes},
-    }
-    rows = []
-    for name, x in features.items():
-        labels = captions if name.startswith("caption") else scenes
-        seen, unseen = labels["seen"], labels["unseen"]
-        for attribute in ("shape", "colour"):
-            train_acc, unseen_acc = probe_accuracy(x["seen"], list(seen[attribute]), x["unseen"], list(unseen[attribute]))
-            rows.append({"features": name, "probe": attribute, "seen pairs (trained on)": train_acc,
-                         "unseen pairs": unseen_acc})
-    print("linear probes trained on seen pairs (chance: shape 0.167, colour 0.125)")
-    print(pd.DataFrame(rows).round(3).to_string(index=False))
+    groups = {"seen pairs, trained on": train, "seen pairs, new scenes": val, "unseen pairs": test}
+    table = {}
+    for group, table_ in groups.items():
+        scenes = table_[table_["n_objects"] == 1].drop_duplicates("image").reset_index(drop=True)
+        table[f"{group} ({len(scenes)})"] = zero_shot_accuracy(model, tokenizer, scenes, cfg)
+    table = pd.DataFrame(table)
+    table.iloc[1, :2] = np.nan  # only unseen scenes can belong to a held-out class
+    print(f"{args.checkpoint}: zero-shot accuracy on single-object scenes (number of scenes in brackets)")
+    print("chance: 48 classes 0.021; 6 classes (held-out pairs, or shapes) 0.167\n")
+    print(table.round(3).to_string())
 
 
 if __name__ == "__main__":
