@@ -43,11 +43,12 @@ def place_prompt(colour: str, shape: str, size: str, place: str) -> str:
     return f"{cu._POSITIONS[place][1][0]} एक {size_word} {cu._class_name(colour, shape)}।"
 
 
-def place_and_size(caption: str) -> tuple[int, int]:
-    """Indices into PLACES and SIZES of what a single-object caption says (any of its wordings)."""
+def size_and_place(caption: str) -> tuple[int, int]:
+    """Indices into SIZES and PLACES of what a single-object caption says (any of its wordings)."""
+    big_words = {cu._inflect("बड़ा", gender, plural) for gender in "mf" for plural in (False, True)}
+    size = SIZES.index("बड़ा" if any(word in big_words for word in caption.split()) else "छोटा")
     place = next(i for i, p in enumerate(PLACES) if any(w in caption for w in cu._POSITIONS[p][1]))
-    big = any(w in caption for w in ("बड़ा", "बड़ी", "बड़े"))
-    return place, SIZES.index("बड़ा" if big else "छोटा")
+    return size, place
 
 
 def zero_shot_accuracy(model, tokenizer, scenes: pd.DataFrame, cfg) -> dict:
@@ -63,6 +64,7 @@ def zero_shot_accuracy(model, tokenizer, scenes: pd.DataFrame, cfg) -> dict:
     held_out = np.array([names.index(cu._class_name(c, s)) for c, s in cu.HELD_OUT_PAIRS])
     predicted["notebook 03 prompts, only the 6 held-out classes"] = held_out[probs[:, held_out].argmax(1).numpy()]
 
+    # class by class, then size, then place: the order of the .view below
     prompts = {name: [place_prompt(c, s, size, place) for size in SIZES for place in PLACES]
                for name, (c, s) in zip(names, PAIRS)}
     probs = cu.zero_shot_classify(model, tokenizer, None, prompts, cfg, image_embeds=image_embeds)
@@ -71,16 +73,15 @@ def zero_shot_accuracy(model, tokenizer, scenes: pd.DataFrame, cfg) -> dict:
     similarity = (image_embeds @ prompt_embeds.T).view(len(scenes), len(PAIRS), len(SIZES), len(PLACES))
     predicted["place prompts, best-matching place and size"] = similarity.flatten(2).amax(-1).argmax(1).numpy()
 
-    told = torch.tensor([place_and_size(caption) for caption in scenes["caption"]])  # (N, 2): place, size
-    rows = torch.arange(len(scenes))
-    given_place = similarity[rows, :, told[:, 1], told[:, 0]]  # (N, 48): each class at the scene's place and size
-    predicted["place prompts, the true place and size"] = given_place.argmax(1).numpy()
+    true_size, true_place = torch.tensor([size_and_place(caption) for caption in scenes["caption"]]).T  # (N,)
+    at_true_size_and_place = similarity[torch.arange(len(scenes)), :, true_size, true_place]  # (N, 48)
+    predicted["place prompts, the true place and size"] = at_true_size_and_place.argmax(1).numpy()
     same_colour = torch.tensor([[c == colour for c, _ in PAIRS] for colour in scenes["colour"]])  # (N, 48)
-    other_colours_out = given_place.masked_fill(~same_colour, -2.0)  # cosines are >= -1
+    other_colours_out = at_true_size_and_place.masked_fill(~same_colour, -2.0)  # cosines are >= -1
     predicted["shape only: true colour, place and size"] = other_colours_out.argmax(1).numpy()
 
     truth = np.array([names.index(label) for label in scenes["label"]])
-    return {how: (classes_ == truth).mean() for how, classes_ in predicted.items()}
+    return {how: (predicted_classes == truth).mean() for how, predicted_classes in predicted.items()}
 
 
 def main():
@@ -101,11 +102,12 @@ def main():
 
     groups = {"seen pairs, trained on": train, "seen pairs, new scenes": val, "unseen pairs": test}
     table = {}
-    for group, table_ in groups.items():
-        scenes = table_[table_["n_objects"] == 1].drop_duplicates("image").reset_index(drop=True)
+    for group, split in groups.items():
+        scenes = split[split["n_objects"] == 1].drop_duplicates("image").reset_index(drop=True)
         table[f"{group} ({len(scenes)})"] = zero_shot_accuracy(model, tokenizer, scenes, cfg)
     table = pd.DataFrame(table)
-    table.iloc[1, :2] = np.nan  # only unseen scenes can belong to a held-out class
+    only_held_out = "notebook 03 prompts, only the 6 held-out classes"
+    table.loc[only_held_out, table.columns[:2]] = np.nan  # a seen pair is never one of them: always wrong
     print(f"{args.checkpoint}: zero-shot accuracy on single-object scenes (number of scenes in brackets)")
     print("chance: 48 classes 0.021; 6 classes (held-out pairs, or shapes) 0.167\n")
     print(table.round(3).to_string())
