@@ -32,28 +32,28 @@ import torch  # noqa: E402
 
 import clip_utils as cu  # noqa: E402
 
-PAIRS = [(colour, shape) for colour in cu._COLOURS for shape in cu._SHAPES]  # the 48 classes
-SIZES = list(cu._SIZES)
-PLACES = list(cu._POSITIONS)
+PAIRS = [(colour, shape) for colour in cu.synthetic._COLOURS for shape in cu.synthetic._SHAPES]  # the 48 classes
+SIZES = list(cu.synthetic._SIZES)
+PLACES = list(cu.synthetic._POSITIONS)
 
 
 def place_prompt(colour: str, shape: str, size: str, place: str) -> str:
     """A single-object training caption's simplest wording, e.g. 'बाईं ओर एक बड़ी नीली पतंग।'."""
-    size_word = cu._inflect(size, cu._SHAPES[shape][0][1], False)
-    return f"{cu._POSITIONS[place][1][0]} एक {size_word} {cu._class_name(colour, shape)}।"
+    size_word = cu.synthetic._inflect(size, cu.synthetic._SHAPES[shape][0][1], False)
+    return f"{cu.synthetic._POSITIONS[place][1][0]} एक {size_word} {cu.synthetic._class_name(colour, shape)}।"
 
 
 def size_and_place(caption: str) -> tuple[int, int]:
     """Indices into SIZES and PLACES of what a single-object caption says (any of its wordings)."""
-    big_words = {cu._inflect("बड़ा", gender, plural) for gender in "mf" for plural in (False, True)}
+    big_words = {cu.synthetic._inflect("बड़ा", gender, plural) for gender in "mf" for plural in (False, True)}
     size = SIZES.index("बड़ा" if any(word in big_words for word in caption.split()) else "छोटा")
-    place = next(i for i, p in enumerate(PLACES) if any(w in caption for w in cu._POSITIONS[p][1]))
+    place = next(i for i, p in enumerate(PLACES) if any(w in caption for w in cu.synthetic._POSITIONS[p][1]))
     return size, place
 
 
 def zero_shot_hits(model, tokenizer, scenes: pd.DataFrame, cfg) -> pd.DataFrame:
     """One row per single-object scene, one column per way of prompting: True where the top class is right."""
-    names = [cu._class_name(colour, shape) for colour, shape in PAIRS]
+    names = [cu.synthetic._class_name(colour, shape) for colour, shape in PAIRS]
     image_embeds = cu.encode_images(model, list(scenes["image"]), cfg).float()  # (N, D)
     predicted = {}
 
@@ -61,7 +61,7 @@ def zero_shot_hits(model, tokenizer, scenes: pd.DataFrame, cfg) -> pd.DataFrame:
     probs = cu.zero_shot_classify(model, tokenizer, None, {n: classes[n] for n in names}, cfg,
                                   image_embeds=image_embeds)  # (N, 48)
     predicted["notebook 03 prompts, 48 classes"] = probs.argmax(1).numpy()
-    held_out = np.array([names.index(cu._class_name(c, s)) for c, s in cu.HELD_OUT_PAIRS])
+    held_out = np.array([names.index(cu.synthetic._class_name(c, s)) for c, s in cu.HELD_OUT_PAIRS])
     predicted["notebook 03 prompts, only the 6 held-out classes"] = held_out[probs[:, held_out].argmax(1).numpy()]
 
     # class by class, then size, then place: the order of the .view below

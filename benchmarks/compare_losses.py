@@ -6,7 +6,6 @@ Prints one row per loss: recall on the held-out test split (unseen colour-shape 
 and how spread out the image embeddings are (a collapsed model maps every image to one point).
 """
 import argparse
-import dataclasses
 import os
 import sys
 import time

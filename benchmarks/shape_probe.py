@@ -54,7 +54,8 @@ def probe(train, test, cfg, gray, epochs, seed):
     test_arrays = [cu.load_image(p, cfg.image_size) for p in test["image"]]
     labels = torch.tensor([SHAPES.index(s) for s in train["shape"]])
     evaluate = cu.image_transforms(cfg, train=False)
-    test_images, test_labels = pixels(test_arrays, evaluate, gray), torch.tensor([SHAPES.index(s) for s in test["shape"]])
+    test_images = pixels(test_arrays, evaluate, gray)
+    test_labels = torch.tensor([SHAPES.index(s) for s in test["shape"]])
     augment = cu.image_transforms(cfg, train=True)
     held_out = []
     for epoch in range(epochs):

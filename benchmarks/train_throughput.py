@@ -88,7 +88,7 @@ def published_steps(model, tokenizer, df, cfg, steps):
     model.train()
     batches = iter(loader)
     for _ in range(steps):
-        batch = {k: v.to(cu._device(cfg)) for k, v in next(batches).items()}
+        batch = {k: v.to(cu.config._device(cfg)) for k, v in next(batches).items()}
         image_embeds = model.encode_image(batch["image"])
         text_embeds = model.encode_text(batch["input_ids"], batch["attention_mask"])
         loss = cu.soft_target_loss(image_embeds, text_embeds)
@@ -101,15 +101,15 @@ def published_steps(model, tokenizer, df, cfg, steps):
 # -- ours -----------------------------------------------------------------------
 
 def our_steps(model, tokenizer, df, cfg, steps):
-    device = cu._device(cfg)
+    device = cu.config._device(cfg)
     model.image_encoder.to(memory_format=torch.channels_last)  # as fit does
     loader = cu.make_loader(df, tokenizer, cfg, train=True, mean=model.image_encoder.mean, std=model.image_encoder.std)
     optimizer = cu.make_optimizer(model, cfg)
-    autocast, scaler = cu._autocast(device, cfg.precision)
+    autocast, scaler = cu.train._autocast(device, cfg.precision)
     model.train()
     batches, lengths = iter(loader), []
     for _ in range(steps):
-        batch = cu._to(next(batches), device)
+        batch = cu.train._to(next(batches), device)
         lengths.append(batch["input_ids"].shape[1])
         cu.train_step(model, batch, optimizer, cfg, autocast, scaler)
     return float(np.mean(lengths))
@@ -155,14 +155,15 @@ def run_once(kind, cfg, df, tokenizer, bert_config, steps):
     """Build a fresh model (same seed), warm up 1 step, then time `steps` steps."""
     from transformers import BertModel
 
-    cu._seed_everything(cfg.seed)
-    model = cu.CLIPModel(cfg, cu.ImageEncoder(cfg), cu.TextEncoder(cfg, BertModel(bert_config))).to(cu._device(cfg))
+    cu.config._seed_everything(cfg.seed)
+    model = cu.CLIPModel(cfg, cu.ImageEncoder(cfg), cu.TextEncoder(cfg, BertModel(bert_config)))
+    model = model.to(cu.config._device(cfg))
     steps_fn = published_steps if kind == "published" else our_steps
     steps_fn(model, tokenizer, df, cfg, 1)  # warm-up: allocator, oneDNN/cuDNN kernel choice
-    with PeakMemory(cu._device(cfg)) as memory:
+    with PeakMemory(cu.config._device(cfg)) as memory:
         start = time.perf_counter()
         tokens = steps_fn(model, tokenizer, df, cfg, steps)
-        if cu._device(cfg).type == "cuda":
+        if cu.config._device(cfg).type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     return dict(loop=kind, samples_per_s=steps * cfg.batch_size / seconds, seconds=seconds,

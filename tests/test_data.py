@@ -1,4 +1,3 @@
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -118,7 +117,7 @@ def test_loader_workers_augment_reproducibly(synthetic, tiny_model, tiny_cfg):
     dataset = cu.make_loader(synthetic[1].head(8), tokenizer, tiny_cfg, train=True).dataset
 
     def first_epoch(seed):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=cu._seed_worker,
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=cu.data._seed_worker,
                                              generator=torch.Generator().manual_seed(seed),
                                              collate_fn=lambda items: torch.stack([item[0] for item in items]))
         return list(loader)

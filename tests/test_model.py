@@ -69,7 +69,7 @@ def test_mismatched_checkpoint_lists_the_keys(tmp_path, synthetic, tiny_model, t
     cu.save_checkpoint(tmp_path / "ckpt", model, tokenizer, tiny_cfg)
     other, _ = cu.build_model(dataclasses.replace(tiny_cfg, projection_dim=16), captions=synthetic[1]["caption"])
     with pytest.raises(ValueError, match="shape mismatch \\['image_projection"):
-        cu._load_weights(other, tmp_path / "ckpt" / "model.safetensors")
+        cu.checkpoints._load_weights(other, tmp_path / "ckpt" / "model.safetensors")
 
 
 def test_published_layout_state_dict_loads(tmp_path, tiny_model, tiny_cfg):
@@ -90,6 +90,7 @@ def test_published_layout_state_dict_loads(tmp_path, tiny_model, tiny_cfg):
 def test_full_mode_path_loads_a_local_pretrained_bert(tmp_path, synthetic, tiny_cfg):
     """The pretrained-text code path (AutoModel/AutoTokenizer by name) run offline on a saved tiny BERT."""
     import dataclasses
+
     from transformers import BertConfig, BertModel
 
     tokenizer = cu.train_wordpiece_tokenizer(synthetic[1]["caption"], vocab_size=300)

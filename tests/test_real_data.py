@@ -177,6 +177,6 @@ def test_extract_archive_refuses_path_escapes(tmp_path):
 
 def test_full_mode_without_captions_stops_before_downloading(tmp_path, monkeypatch):
     monkeypatch.delenv("CLIP_HINDI_CAPTIONS", raising=False)
-    monkeypatch.setattr(cu, "download_flickr8k", lambda data_dir: pytest.fail("downloaded without captions"))
+    monkeypatch.setattr(cu.datasets, "download_flickr8k", lambda data_dir: pytest.fail("downloaded without captions"))
     with pytest.raises(RuntimeError, match="CLIP_HINDI_CAPTIONS"):
         cu.prepare_data(cu.Config.full(), tmp_path)

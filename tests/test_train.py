@@ -55,7 +55,7 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(synthetic, tiny_cfg, 
 
     cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "killed"))
     model, tokenizer = cu.build_model(cfg, captions=train["caption"])
-    real_mean_loss, calls = cu._mean_loss, []
+    real_mean_loss, calls = cu.train._mean_loss, []
 
     def dies_in_third_validation(*args):
         calls.append(1)
@@ -63,10 +63,10 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(synthetic, tiny_cfg, 
             raise KeyboardInterrupt("session killed")
         return real_mean_loss(*args)
 
-    monkeypatch.setattr(cu, "_mean_loss", dies_in_third_validation)
+    monkeypatch.setattr(cu.train, "_mean_loss", dies_in_third_validation)
     with pytest.raises(KeyboardInterrupt):
         cu.fit(model, tokenizer, train, val, cfg)
-    monkeypatch.setattr(cu, "_mean_loss", real_mean_loss)
+    monkeypatch.setattr(cu.train, "_mean_loss", real_mean_loss)
     assert len(pd.read_csv(tmp_path / "killed" / "history.csv")) == 2
 
     model, tokenizer = cu.build_model(cfg, captions=train["caption"])  # a fresh session
@@ -129,8 +129,8 @@ def test_fit_trains_on_mined_batches_from_the_second_epoch(synthetic, tiny_cfg, 
         stepped.append(batch["image_ids"].tolist())
         return real_step(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(cu, "similar_batches", fake_similar_batches)
-    monkeypatch.setattr(cu, "train_step", recording_step)
+    monkeypatch.setattr(cu.train, "similar_batches", fake_similar_batches)
+    monkeypatch.setattr(cu.train, "train_step", recording_step)
     for group in (0, 4):
         cfg = dataclasses.replace(tiny_cfg, epochs=2, hard_negatives=group, out_dir=str(tmp_path / str(group)))
         model, tokenizer = cu.build_model(cfg, captions=train["caption"])

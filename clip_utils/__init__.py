@@ -1,0 +1,61 @@
+"""clip_utils: a Hindi CLIP, from data to zero-shot, in small rooms read in teaching order.
+
+config -> text -> synthetic (quick-mode scenes) -> datasets (Flickr8k, XM3600) -> data (tables,
+loader) -> model -> losses -> train -> evaluate -> plots -> checkpoints. The notebooks import
+everything from here (`import clip_utils as cu`); nothing is copied into them.
+
+Two modes share every function; only the `Config` differs:
+  quick: CPU, no network, synthetic Hindi scenes, small random-init encoders.
+  full:  GPU, real photos, pretrained timm and Hugging Face encoders.
+"""
+from .checkpoints import load_checkpoint, load_published_checkpoint, save_checkpoint
+from .config import Config
+from .data import clean_table, image_transforms, load_image, make_loader, split_by_image
+from .datasets import (
+    FLICKR8K_URLS,
+    PUBLISHED_XM3600_HINDI,
+    XM3600_URLS,
+    download,
+    download_flickr8k,
+    download_xm3600,
+    extract_archive,
+    load_flickr8k,
+    load_xm3600,
+    prepare_data,
+    prepare_full_data,
+    read_captions,
+)
+from .evaluate import (
+    HINDI_TEMPLATES,
+    embed_gallery,
+    encode_images,
+    encode_texts,
+    recall_at_k,
+    retrieval_metrics,
+    search_images,
+    top_k_scores,
+    zero_shot_classify,
+)
+from .losses import clip_loss, soft_target_loss
+from .model import CLIPModel, ImageEncoder, ProjectionHead, TextEncoder, build_model
+from .plots import plot_history, show_retrieval, show_zero_shot, use_devanagari_font
+from .synthetic import HELD_OUT_PAIRS, make_synthetic_dataset, prepare_quick_data, synthetic_classes
+from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
+from .train import fit, make_optimizer, similar_batches, train_step
+
+__all__ = [
+    "Config",
+    "normalize_caption", "train_wordpiece_tokenizer", "keeps_devanagari",
+    "HELD_OUT_PAIRS", "make_synthetic_dataset", "synthetic_classes", "prepare_quick_data",
+    "FLICKR8K_URLS", "XM3600_URLS", "PUBLISHED_XM3600_HINDI", "download", "extract_archive",
+    "read_captions", "load_flickr8k", "download_flickr8k", "prepare_full_data", "prepare_data",
+    "load_xm3600", "download_xm3600",
+    "split_by_image", "clean_table", "load_image", "image_transforms", "make_loader",
+    "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model",
+    "clip_loss", "soft_target_loss",
+    "make_optimizer", "train_step", "similar_batches", "fit",
+    "encode_images", "encode_texts", "recall_at_k", "retrieval_metrics", "embed_gallery",
+    "top_k_scores", "search_images", "zero_shot_classify", "HINDI_TEMPLATES",
+    "use_devanagari_font", "plot_history", "show_retrieval", "show_zero_shot",
+    "save_checkpoint", "load_checkpoint", "load_published_checkpoint",
+]

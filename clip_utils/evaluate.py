@@ -1,0 +1,209 @@
+"""Evaluation and retrieval: embeddings, recall@K, the gallery cache, search and zero-shot."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data import _resolve, clean_table, image_transforms, load_image
+from .model import CLIPModel
+from .text import normalize_caption
+
+
+@torch.no_grad()
+def encode_images(model: CLIPModel, images, cfg: Config, batch_size: int = 128) -> torch.Tensor:
+    """Unit-length embeddings (N, D) of images given as paths, PIL images or RGB arrays."""
+    device = next(model.parameters()).device
+    transform = image_transforms(cfg, train=False, mean=model.image_encoder.mean, std=model.image_encoder.std)
+    if model.training:  # eval() walks every module: skip it when there is nothing to switch
+        model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        arrays = [load_image(_resolve(im, cfg), cfg.image_size) if isinstance(im, (str, Path))
+                  else np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)
+                  for im in images[start:start + batch_size]]
+        pixels = torch.stack([transform(image=a)["image"] for a in arrays]).to(device)  # (b, 3, H, W)
+        out.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
+    return torch.cat(out)  # (N, D)
+
+
+@torch.no_grad()
+def encode_texts(model: CLIPModel, tokenizer, texts, cfg: Config, batch_size: int = 256) -> torch.Tensor:
+    """Unit-length embeddings (M, D) of captions (normalised like the training captions)."""
+    device = next(model.parameters()).device
+    if model.training:
+        model.eval()
+    out = []
+    texts = [normalize_caption(t) for t in texts]
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[start:start + batch_size], padding="longest", truncation=True,
+                           max_length=cfg.max_length, return_tensors="pt").to(device)
+        out.append(F.normalize(model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float(),
+                               dim=-1).cpu())
+    return torch.cat(out)  # (M, D)
+
+
+def recall_at_k(similarity: torch.Tensor, caption_to_image, ks=(1, 5, 10)) -> dict:
+    """Recall@K both ways and median ranks from a (captions, images) similarity matrix.
+
+    Every caption of an image counts as correct for image-to-text (Flickr/XM3600 protocol).
+
+    Args:
+        similarity: (M, N) scores, caption m against image n.
+        caption_to_image: (M,) index of each caption's image.
+        ks: the K values to report.
+    """
+    similarity = torch.as_tensor(similarity, dtype=torch.float32)
+    caption_to_image = torch.tensor(np.asarray(caption_to_image), dtype=torch.long)
+    n_captions, n_images = similarity.shape
+    correct = torch.zeros(n_captions, n_images, dtype=torch.bool)  # (M, N)
+    correct[torch.arange(n_captions), caption_to_image] = True
+    # Rank = how many candidates score strictly higher than the best correct one (0 = top).
+    t2i_best = similarity.masked_fill(~correct, -math.inf).max(1).values  # (M,)
+    t2i_rank = (similarity > t2i_best[:, None]).sum(1)  # (M,)
+    sim_t = similarity.T  # (N, M)
+    i2t_best = sim_t.masked_fill(~correct.T, -math.inf).max(1).values  # (N,)
+    i2t_rank = (sim_t > i2t_best[:, None]).sum(1)  # (N,)
+    has_caption = correct.any(0)  # images without captions cannot be scored image-to-text
+    i2t_rank = i2t_rank[has_caption]
+    metrics = {}
+    for k in ks:
+        metrics[f"t2i_R@{k}"] = (t2i_rank < k).float().mean().item()
+    for k in ks:
+        metrics[f"i2t_R@{k}"] = (i2t_rank < k).float().mean().item()
+    metrics["t2i_median_rank"] = t2i_rank.float().median().item() + 1
+    metrics["i2t_median_rank"] = i2t_rank.float().median().item() + 1
+    return metrics
+
+
+def retrieval_metrics(model: CLIPModel, tokenizer, df: pd.DataFrame, cfg: Config) -> dict:
+    """R@1/5/10 text-to-image and image-to-text plus median ranks over a caption table."""
+    df = clean_table(df, cfg)
+    images = list(pd.unique(df["image"]))
+    caption_to_image = pd.Categorical(df["image"], categories=images).codes
+    image_embeds = encode_images(model, images, cfg)  # (N, D)
+    text_embeds = encode_texts(model, tokenizer, list(df["caption"]), cfg)  # (M, D)
+    return recall_at_k(text_embeds @ image_embeds.T, caption_to_image)
+
+
+def _image_fingerprint(model: CLIPModel) -> str:
+    """A hash of everything that shapes an image embedding: the image tower and its head, not the text side."""
+    digest = hashlib.sha1()
+    image_side = {**model.image_encoder.state_dict(prefix="image_encoder."),
+                  **model.image_projection.state_dict(prefix="image_projection.")}
+    for name, tensor in image_side.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=torch.float16,
+                  in_memory: bool = True):
+    """Gallery embeddings (N, D), computed once and cached on disk for later searches.
+
+    The cache file is named by a hash of the image-side weights, the preprocessing and the file list
+    (paths, sizes, modification times), so a retrained model or a changed gallery computes afresh. float16
+    halves memory and search time; the ranking barely changes.
+
+    Args:
+        model, cfg: a trained model and its Config.
+        images: image paths.
+        cache_dir: folder for the cache (None: no cache).
+        dtype: storage type of the embeddings.
+        in_memory: False returns a read-only memory map instead of a tensor, for galleries
+            larger than memory: top_k_scores then reads it from disk chunk by chunk.
+    """
+    if dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"embed_gallery stores float16 or float32, not {dtype}")
+    if cache_dir is None:
+        return encode_images(model, images, cfg).to(dtype)
+    files = hashlib.sha1(f"{cfg.image_size} {model.image_encoder.mean} {model.image_encoder.std}\n".encode())
+    for image in images:
+        stat = os.stat(_resolve(image, cfg))
+        files.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    name = f"gallery-{_image_fingerprint(model)[:12]}-{files.hexdigest()[:12]}-{str(dtype)[6:]}.npy"
+    path = Path(cache_dir) / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        embeds = encode_images(model, images, cfg).to(dtype).numpy()
+        tmp = path.with_name(path.name + ".tmp.npy")
+        np.save(tmp, embeds)
+        os.replace(tmp, path)  # a crash mid-write never leaves a truncated cache behind
+    embeds = np.load(path, mmap_mode=None if in_memory else "r")
+    return torch.from_numpy(embeds) if in_memory else embeds
+
+
+def top_k_scores(image_embeds, query_embed: torch.Tensor, k: int, chunk_size: int = 1 << 18):
+    """(scores, indices) of the k gallery rows most similar to one query, scanning the gallery in chunks.
+
+    Args:
+        image_embeds: (N, D) tensor or numpy array (a memory map is read chunk by chunk).
+        query_embed: (D,) unit vector.
+        k: how many results.
+        chunk_size: rows per chunk; bounds the temporary memory.
+    """
+    best_scores, best_indices = [torch.empty(0)], [torch.empty(0, dtype=torch.long)]  # an empty gallery finds nothing
+    for start in range(0, len(image_embeds), chunk_size):
+        chunk = image_embeds[start:start + chunk_size]
+        chunk = torch.from_numpy(np.array(chunk)) if isinstance(chunk, np.ndarray) else chunk  # reads a memory map
+        scores = chunk @ query_embed.to(chunk.dtype)  # (n,)
+        top = scores.topk(min(k, len(scores)))
+        best_scores.append(top.values.float())
+        best_indices.append(top.indices + start)
+    scores, indices = torch.cat(best_scores), torch.cat(best_indices)
+    top = scores.topk(min(k, len(scores)))
+    return top.values, indices[top.indices]
+
+
+def search_images(query: str, model: CLIPModel, tokenizer, images, cfg: Config, k: int = 5,
+                  image_embeds=None) -> pd.DataFrame:
+    """Top-k images for a Hindi query, as a table of image and cosine score.
+
+    Args:
+        query: free Hindi text, e.g. "घास पर कुत्ता".
+        model, tokenizer: a trained pair.
+        images: the gallery (paths, PIL images or arrays).
+        cfg: the model's Config.
+        k: how many results.
+        image_embeds: precomputed gallery embeddings (encode_images or embed_gallery), to search many times cheaply.
+    """
+    if image_embeds is None:
+        image_embeds = encode_images(model, images, cfg)
+    with torch.inference_mode():  # no autograd bookkeeping at all: a few hundred microseconds per query
+        query_embed = encode_texts(model, tokenizer, [query], cfg)[0]  # (D,)
+        scores, indices = top_k_scores(image_embeds, query_embed, k)
+    return pd.DataFrame(dict(image=[images[i] for i in indices.tolist()], score=scores.tolist()))
+
+
+HINDI_TEMPLATES = ["{}", "एक {} की तस्वीर", "{} का चित्र", "इस चित्र में {} है"]
+
+
+def zero_shot_classify(model: CLIPModel, tokenizer, images, class_names, cfg: Config,
+                       templates=HINDI_TEMPLATES, image_embeds=None) -> torch.Tensor:
+    """Class probabilities (N, C) from Hindi prompts: each class averages its prompts' embeddings.
+
+    Args:
+        model, tokenizer: a trained pair.
+        images: paths, PIL images or arrays (ignored when image_embeds is given).
+        class_names: Hindi names, one per class, filled into `templates`; or a dict
+            {name: [its own prompts]} when prompts must agree with the noun's gender.
+        cfg: the model's Config.
+        templates: prompts with one "{}" for the class name; more templates, steadier classes.
+        image_embeds: optional precomputed encode_images output.
+    """
+    if image_embeds is None:
+        image_embeds = encode_images(model, images, cfg)  # (N, D)
+    if not isinstance(class_names, dict):
+        class_names = {name: [t.format(name) for t in templates] for name in class_names}
+    class_embeds = torch.stack([encode_texts(model, tokenizer, prompts, cfg).mean(0)
+                                for prompts in class_names.values()])  # (C, D)
+    class_embeds = F.normalize(class_embeds, dim=-1)  # averaging shrinks the vectors: renormalise
+    scale = model.logit_scale.exp().detach().cpu()
+    return (scale * image_embeds.float() @ class_embeds.T).softmax(-1)  # (N, C); float16 galleries too

@@ -1,0 +1,58 @@
+"""The house rules that keep the project readable: rooms import one way, notebooks are committed clean."""
+import ast
+import json
+from pathlib import Path
+
+import clip_utils as cu
+
+ROOT = Path(__file__).resolve().parents[1]
+ROOMS = sorted((ROOT / "clip_utils").glob("*.py"))
+
+
+def _imports_of(path: Path) -> set[str]:
+    """The sibling rooms a room imports (`from .data import ...`)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+
+def test_rooms_import_one_way_without_cycles():
+    graph = {room.stem: _imports_of(room) for room in ROOMS if room.stem != "__init__"}
+    seen, done = set(), set()
+
+    def visit(room, path):
+        assert room not in seen - done, f"import cycle: {' -> '.join(path + [room])}"
+        if room in done:
+            return
+        seen.add(room)
+        for other in graph[room]:
+            visit(other, path + [room])
+        done.add(room)
+
+    for room in graph:
+        visit(room, [])
+    assert not graph["config"], "config is the ground floor: it imports no other room"
+
+
+def test_init_only_reexports_and_every_name_resolves():
+    tree = ast.parse((ROOT / "clip_utils" / "__init__.py").read_text(encoding="utf-8"))
+    kinds = {type(node).__name__ for node in tree.body}
+    assert kinds <= {"Expr", "ImportFrom", "Assign"}, kinds  # docstring, re-exports, __all__
+    assert all(hasattr(cu, name) for name in cu.__all__)
+    assert len(set(cu.__all__)) == len(cu.__all__)
+
+
+def test_rooms_stay_small_and_say_what_they_hold():
+    for room in ROOMS:
+        text = room.read_text(encoding="utf-8")
+        assert len(text.splitlines()) <= 450, f"{room.name} has {len(text.splitlines())} lines: split it"
+        assert ast.get_docstring(ast.parse(text)), f"{room.name} opens with no docstring"
+
+
+def test_committed_notebooks_hold_no_outputs():
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        code = [(i, c) for i, c in enumerate(cells) if c["cell_type"] == "code"]
+        dirty = [i for i, c in code if c.get("outputs") or c.get("execution_count")]
+        assert not dirty, f"{path.name}: cells {dirty} hold outputs; strip them before committing"
