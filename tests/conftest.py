@@ -27,6 +27,7 @@ def tiny_cfg(tmp_path_factory):
                            text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                             intermediate_size=64, max_position_embeddings=64),
                            image_model_kwargs=dict(channels=(8, 16, 16, 32), stem_width=8),
+                           max_minutes=None,  # a wall-clock budget would make the tests depend on machine load
                            out_dir=str(tmp_path_factory.mktemp("run")))
 
 
