@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +56,12 @@ class Config:
     device: str = "auto"  # "auto" picks CUDA when available, else CPU
     out_dir: str = "runs/clip-hindi"  # best checkpoint and history.csv go here
 
+    def __post_init__(self):
+        # Runs on every construction, so dataclasses.replace checks too: a typo fails here, not as a silent default.
+        problems = _config_problems(self)
+        if problems:
+            raise ValueError("invalid Config: " + "; ".join(problems))
+
     @classmethod
     def full(cls, **overrides) -> "Config":
         """Published recipe: resnet50 + hindi-bert-v2, pretrained, on a GPU."""
@@ -99,6 +107,77 @@ class Config:
         if not mode:
             mode = "full" if torch.cuda.is_available() else "quick"
         return cls.full(**overrides) if mode == "full" else cls.quick(**overrides)
+
+
+# Enumerated fields and their allowed values (the code branches on exactly these).
+_CHOICES = {
+    "mode": ("quick", "full"),
+    "on_bad_input": ("skip", "raise"),
+    "image_pool": ("avg", "max", "avgmax", "catavgmax", "token", "map", "flatten"),  # timm's pools + our flatten
+    "pooling": ("cls", "mean"),
+    "loss": ("clip", "soft_target"),
+    "freeze": ("none", "image", "text"),
+    "precision": ("auto", "bf16", "fp32"),
+}
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Numeric and typed fields: (field, test, what is allowed).
+_RANGES = [
+    ("image_size", lambda v: _integer(v) and v >= 1, "an integer >= 1 (pixels)"),
+    ("max_length", lambda v: _integer(v) and v >= 3, "an integer >= 3 (tokens: [CLS], a word, [SEP])"),
+    ("num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("image_pretrained", lambda v: isinstance(v, bool), "True or False"),
+    ("text_pretrained", lambda v: isinstance(v, bool), "True or False"),
+    ("residual_heads", lambda v: isinstance(v, bool), "True or False"),
+    ("image_model", lambda v: isinstance(v, str) and v.strip() != "", "a timm model name"),
+    ("text_model", lambda v: isinstance(v, str) and v.strip() != "", "a Hugging Face model name or folder"),
+    ("image_model_kwargs", lambda v: isinstance(v, dict), "a dict of timm.create_model arguments"),
+    ("text_config", lambda v: isinstance(v, dict), "a dict of BertConfig arguments"),
+    ("vocab_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("projection_dim", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("dropout", lambda v: _number(v) and 0 <= v < 1, "a number with 0 <= dropout < 1"),
+    ("max_logit_scale", lambda v: _number(v) and v > 0, "a number > 0 (log of the largest logit scale)"),
+    ("batch_size", lambda v: _integer(v) and v >= 2,
+     "an integer >= 2 (a contrastive loss needs at least one negative in each batch)"),
+    ("hard_negatives", lambda v: _integer(v) and (v == 0 or v >= 2), "0 (random batches) or a group size >= 2"),
+    ("epochs", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("head_lr", lambda v: _number(v) and v > 0, "a learning rate > 0"),
+    ("image_encoder_lr", lambda v: _number(v) and v > 0, "a learning rate > 0"),
+    ("text_encoder_lr", lambda v: _number(v) and v > 0, "a learning rate > 0"),
+    ("weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("patience", lambda v: _integer(v) and v >= 0, "an integer >= 0 (epochs)"),
+    ("factor", lambda v: _number(v) and 0 < v < 1, "a number with 0 < factor < 1"),
+    ("max_minutes", lambda v: v is None or (_number(v) and v > 0), "None (no limit) or a number > 0"),
+    ("seed", lambda v: _integer(v) and 0 <= v < 2**32, "an integer with 0 <= seed < 2**32 (numpy's range)"),
+]
+
+
+def _config_problems(cfg: Config) -> list[str]:
+    """One message per bad field, naming it, its value and what is allowed."""
+    problems = [f"{name}={getattr(cfg, name)!r}: use " + " or ".join(map(repr, allowed))
+                for name, allowed in _CHOICES.items() if getattr(cfg, name) not in allowed]
+    if not (isinstance(cfg.device, str) and _DEVICE.fullmatch(cfg.device)):
+        problems.append(f"device={cfg.device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    problems += [f"{name}={getattr(cfg, name)!r}: use {allowed}" for name, test, allowed in _RANGES
+                 if not test(getattr(cfg, name))]
+    if not (_number(cfg.init_logit_scale) and 0 <= cfg.init_logit_scale <= (
+            cfg.max_logit_scale if _number(cfg.max_logit_scale) else math.inf)):
+        problems.append(f"init_logit_scale={cfg.init_logit_scale!r}: use a number from 0 to max_logit_scale="
+                        f"{cfg.max_logit_scale!r} (training clamps it to that range)")
+    positions = cfg.text_config.get("max_position_embeddings", 512) if isinstance(cfg.text_config, dict) else 512
+    if not cfg.text_pretrained and _integer(cfg.max_length) and _integer(positions) and cfg.max_length > positions:
+        problems.append(f"max_length={cfg.max_length!r}: use at most text_config['max_position_embeddings']="
+                        f"{positions} (a longer caption has no position embedding)")
+    return problems
 
 
 def _device(cfg: Config) -> torch.device:

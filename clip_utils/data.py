@@ -28,6 +28,14 @@ def split_by_image(df: pd.DataFrame, val_frac: float = 0.1, test_frac: float = 0
         seed: shuffling seed.
         force_test: optional boolean row mask; images of those rows go to test (e.g. unseen combinations).
     """
+    if "image" not in df.columns:
+        raise ValueError(f"split_by_image needs an 'image' column; the table has {list(df.columns)}")
+    for name, frac in (("val_frac", val_frac), ("test_frac", test_frac)):
+        if not 0 <= frac < 1:
+            raise ValueError(f"split_by_image: {name}={frac!r} must be a fraction with 0 <= {name} < 1")
+    if val_frac + test_frac >= 1:
+        raise ValueError(f"split_by_image: val_frac + test_frac = {val_frac + test_frac:g} leaves no training "
+                         "images; their sum must be below 1")
     forced = set(df.loc[force_test, "image"]) if force_test is not None else set()
     images = [im for im in pd.unique(df["image"]) if im not in forced]
     np.random.default_rng(seed).shuffle(images)
@@ -35,7 +43,15 @@ def split_by_image(df: pd.DataFrame, val_frac: float = 0.1, test_frac: float = 0
     val = set(images[:n_val])
     test = set(images[n_val:n_val + n_test]) | forced
     parts = (~df["image"].isin(val | test), df["image"].isin(val), df["image"].isin(test))
-    return tuple(df[mask].reset_index(drop=True) for mask in parts)
+    splits = tuple(df[mask].reset_index(drop=True) for mask in parts)
+    # A fraction of 0 asks for an empty split; any other empty split is a surprise worth stopping for.
+    for split, name, frac in zip(splits, ("train", "val", "test"), (None, val_frac, test_frac)):
+        if split.empty and frac != 0:
+            raise ValueError(f"split_by_image leaves the {name} split empty: {len(images)} images with "
+                             f"val_frac={val_frac}, test_frac={test_frac}" +
+                             (f" and {len(forced)} forced into test" if forced else "") +
+                             "; use more images or other fractions")
+    return splits
 
 
 def _cached_splits(data_dir, make):
@@ -71,21 +87,28 @@ def load_image(path, max_side: int | None = None) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True) -> pd.DataFrame:
+def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True, name: str = "caption") -> pd.DataFrame:
     """Validate a caption table: required columns, usable captions, readable images.
 
     Bad rows raise a ValueError naming the row and file (cfg.on_bad_input="raise") or are
     dropped with one warning that counts them ("skip"). Captions come back normalised.
+    A table with no usable row left is a ValueError that counts the causes.
 
     Args:
         df: table with `image` and `caption` columns.
         cfg: supplies image_dir, image_size and on_bad_input.
         check_images: decode every distinct image once, so no bad file surfaces mid-epoch.
+        name: what the errors call the table ("train", "val", "test", ...).
     """
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"the {name} table must be a pandas DataFrame with columns 'image' and 'caption', "
+                         f"not {type(df).__name__}")
     missing = {"image", "caption"} - set(df.columns)
     if missing:
-        raise ValueError(f"table needs columns 'image' and 'caption'; missing {sorted(missing)} "
+        raise ValueError(f"the {name} table needs columns 'image' and 'caption'; missing {sorted(missing)} "
                          f"(has {list(df.columns)})")
+    if df.empty:
+        raise ValueError(f"the {name} table has no rows")
     df = df.copy()
     df["caption"] = [normalize_caption(c) for c in df["caption"]]
     duplicated = df.duplicated(["image", "caption"]) & df["caption"].ne("")  # empty ones are counted below
@@ -116,9 +139,13 @@ def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True) -> pd.
                          f"(set on_bad_input='skip' to drop them with a warning)")
     if problems:
         kinds = pd.Series([kind for kind, _ in problems.values()]).value_counts()
+        counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+        if len(problems) == len(df):
+            first = min(problems)
+            raise ValueError(f"no usable row left in the {name} table: all {len(df)} rows were dropped ({counts}); "
+                             f"first is row {row_names[first]}: {' '.join(problems[first]).strip()}")
         examples = sorted({detail.split(" (")[0] for _, detail in problems.values() if detail})[:3]
-        warnings.warn(f"skipped {len(problems)} of {len(df)} rows: " +
-                      ", ".join(f"{n} {kind}" for kind, n in kinds.items()) +
+        warnings.warn(f"skipped {len(problems)} of {len(df)} rows: {counts}" +
                       (f"; e.g. {', '.join(examples)}" if examples else ""), stacklevel=2)
         df = df.drop(index=list(problems)).reset_index(drop=True)
     return df
@@ -191,6 +218,8 @@ def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None
         mean, std: the image encoder's normalisation (defaults to ImageNet's).
         batches: optional list of row-index lists to use instead of shuffling (see similar_batches).
     """
+    if len(df) == 0:
+        raise ValueError("make_loader got a table with no rows; clean_table says which rows were dropped and why")
     norm = {k: v for k, v in dict(mean=mean, std=std).items() if v is not None}
     lengths = np.array([len(ids) for ids in tokenizer(list(df["caption"]))["input_ids"]])
     if (lengths > cfg.max_length).any():

@@ -2,6 +2,7 @@
 Flickr8k and XM3600."""
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -134,44 +135,113 @@ def _image_name(name: str) -> str:
     return name if "." in name else name + ".jpg"
 
 
-def read_captions(source) -> pd.DataFrame:
-    """Read a caption file (path or URL) into a table (image file name, caption), detecting its format.
+# Header names of the image and caption columns in the layouts people download
+# (Flickr8k on Kaggle: "image,caption"; Flickr30k on Kaggle: "image_name| comment_number| comment").
+_IMAGE_COLUMNS = ("image", "image_name")
+_CAPTION_COLUMNS = ("caption", "comment")
+_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),  # before UTF-16: same first bytes
+         (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]
+_NOT_IN_IMAGE_NAMES = set(",;|\"'{}[]<>=")  # a first field holding one of these is not an "image_id caption" line
 
-    Formats, told apart by the first line:
-      token: "1000268201_693b08cb0e.jpg#0<TAB>caption" (the official Flickr8k.token.txt);
-      csv:   a header "image,caption"; a caption may hold commas (quoted or not);
-      text:  "image_id caption", split at the first space.
-    Names without an extension get ".jpg"; "#n" caption numbers are dropped.
-    """
+
+def _read_text(path) -> str:
+    """A caption file's text: UTF-8, or UTF-8/16/32 with a byte-order mark; any other encoding is an error."""
+    data = Path(path).read_bytes()
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)  # the utf-8-sig, utf-16 and utf-32 codecs drop the byte-order mark
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not {encoding.upper()} text (undecodable byte {data[error.start]:#04x} on "
+                         f"line {line}); re-save it as UTF-8 (a spreadsheet's 'CSV UTF-8' format)") from None
+    if "\x00" in text:  # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL in every other place
+        raise ValueError(f"{path} holds NUL characters, as UTF-16 without a byte-order mark does; "
+                         "re-save it as UTF-8")
+    return text
+
+
+def _header(first: str):
+    """(delimiter, lower-case column names) when the first line names an image and a caption column, else None."""
+    import csv
+
+    for delimiter in (",", "|", "\t", None):  # None: columns separated by spaces
+        fields = next(csv.reader([first])) if delimiter == "," else first.split(delimiter)
+        names = [name.strip().strip('"').lower() for name in fields]
+        if delimiter is None and len(names) != 2:  # "image caption" only: a caption may hold both words
+            continue
+        if set(names) & set(_IMAGE_COLUMNS) and set(names) & set(_CAPTION_COLUMNS):
+            return delimiter, names
+    return None
+
+
+def _header_rows(text: str, delimiter, names: list[str]) -> list[tuple[int, tuple]]:
+    """(line number, (image, caption)) for each row below the header; () where a row has too few fields."""
     import csv
     import io
 
+    i = next(k for k, name in enumerate(names) if name in _IMAGE_COLUMNS)
+    j = next(k for k, name in enumerate(names) if name in _CAPTION_COLUMNS)
+    last = j == len(names) - 1  # a last caption column may hold the delimiter itself: it keeps the rest of the row
+    if delimiter == ",":
+        reader = csv.reader(io.StringIO(text))
+        rows = [(reader.line_num, row) for row in reader if any(field.strip() for field in row)]
+    else:
+        rows = [(number, line.split(delimiter, len(names) - 1 if last else -1))
+                for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    pairs = []
+    for number, row in rows[1:]:
+        if len(row) < len(names) or (len(row) > len(names) and not last):
+            pairs.append((number, ()))
+        else:
+            caption = (delimiter or " ").join(row[j:]) if last else row[j]
+            pairs.append((number, (row[i].strip(), caption.strip())))
+    return pairs
+
+
+def read_captions(source) -> pd.DataFrame:
+    """Read a caption file (path or URL) into a table (image file name, caption), detecting its layout.
+
+    Layouts, told apart by the first line:
+      header: the first line names the columns, separated by commas (CSV, quoting allowed), "|" or tabs;
+        the image column is "image" or "image_name", the caption column "caption" or "comment" (Kaggle's
+        Flickr8k captions.txt "image,caption"; Flickr30k results.csv "image_name| comment_number| comment").
+        An unquoted delimiter inside the last column stays part of the caption.
+      token: "1000268201_693b08cb0e.jpg#0<TAB>caption" (the official Flickr8k.token.txt);
+      text:  "image_id caption", split at the first space or tab.
+    Names without an extension get ".jpg"; "#n" caption numbers are dropped. The file must be UTF-8
+    (a byte-order mark, also UTF-16/32, is understood). Any other layout, an empty or header-only file and
+    a line that does not split into image and caption are ValueErrors naming the file.
+    """
     source = str(source)
     if source.startswith(("http://", "https://")):
         tag = hashlib.sha1(source.encode()).hexdigest()[:8]  # two URLs may end in the same file name
-        source = download(source, Path.home() / ".cache" / "clip-hindi" / f"{tag}-{Path(source).name}")
-    text = Path(source).read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark
-    lines = [line for line in text.splitlines() if line.strip()]
+        source = str(download(source, Path.home() / ".cache" / "clip-hindi" / f"{tag}-{Path(source).name}"))
+    text = _read_text(source)
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
-        raise ValueError(f"{source}: no captions")
-    first = lines[0]
-    if "\t" in first and "#" in first.split("\t")[0]:
-        pairs = [line.split("\t", 1) for line in lines]
-    elif {"image", "caption"} <= {c.strip().lower() for c in next(csv.reader([first]))}:
-        header, *rows = [row for row in csv.reader(io.StringIO(text)) if row]
-        header = [c.strip().lower() for c in header]
-        if header == ["image", "caption"]:  # unquoted commas split a caption into fields: join them back
-            pairs = [(row[0], ",".join(row[1:])) for row in rows]
-        else:  # more columns: take the two by name
-            i, j = header.index("image"), header.index("caption")
-            pairs = [(row[i], row[j]) if len(row) == len(header) else () for row in rows]
+        raise ValueError(f"{source} is empty: it has no caption lines")
+    first = lines[0][1]
+    header = _header(first)
+    if header:
+        pairs = _header_rows(text, *header)
+        if not pairs:
+            raise ValueError(f"{source} has a header ({first.strip()[:120]!r}) but no caption rows")
+    elif "\t" in first and "#" in first.split("\t")[0]:
+        pairs = [(number, tuple(line.split("\t", 1))) for number, line in lines]
+    elif len(first.split(None, 1)) == 2 and not set(first.split(None, 1)[0]) & _NOT_IN_IMAGE_NAMES:
+        pairs = [(number, tuple(line.split(None, 1))) for number, line in lines]
     else:
-        pairs = [line.split(None, 1) for line in lines]
-    bad = [i + 1 for i, pair in enumerate(pairs) if len(pair) != 2]
+        raise ValueError(
+            f"{source}: unknown caption layout; its first line is {first.strip()[:120]!r}. Known layouts: a header "
+            "naming the columns ('image,caption'; Flickr30k's 'image_name| comment_number| comment'), "
+            "Flickr8k.token.txt lines ('name.jpg#0<TAB>caption') or 'image_id caption' lines")
+    bad = [(number, pair) for number, pair in pairs if len(pair) != 2 or not pair[0].strip()]
     if bad:
-        raise ValueError(f"{source}: cannot split line(s) {bad[:5]} into image and caption")
-    return pd.DataFrame(dict(image=[_image_name(im) for im, _ in pairs],
-                             caption=[normalize_caption(c) for _, c in pairs]))
+        number = bad[0][0]
+        raise ValueError(f"{source}: cannot split line(s) {[n for n, _ in bad[:5]]} into image and caption; "
+                         f"line {number} is {text.splitlines()[number - 1].strip()[:120]!r}")
+    return pd.DataFrame(dict(image=[_image_name(im) for _, (im, _) in pairs],
+                             caption=[normalize_caption(c) for _, (_, c) in pairs]))
 
 
 def load_flickr8k(root, captions) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from .text import normalize_caption
 @torch.no_grad()
 def encode_images(model: CLIPModel, images, cfg: Config, batch_size: int = 128) -> torch.Tensor:
     """Unit-length embeddings (N, D) of images given as paths, PIL images or RGB arrays."""
+    if len(images) == 0:
+        raise ValueError("encode_images got no images: pass a non-empty list of paths, PIL images or arrays")
     device = next(model.parameters()).device
     transform = image_transforms(cfg, train=False, mean=model.image_encoder.mean, std=model.image_encoder.std)
     if model.training:  # eval() walks every module: skip it when there is nothing to switch
@@ -37,6 +40,10 @@ def encode_images(model: CLIPModel, images, cfg: Config, batch_size: int = 128) 
 @torch.no_grad()
 def encode_texts(model: CLIPModel, tokenizer, texts, cfg: Config, batch_size: int = 256) -> torch.Tensor:
     """Unit-length embeddings (M, D) of captions (normalised like the training captions)."""
+    if isinstance(texts, str):
+        raise ValueError(f"encode_texts takes a list of captions, not one string: use [{texts[:40]!r}]")
+    if len(texts) == 0:
+        raise ValueError("encode_texts got no texts: pass a non-empty list of captions")
     device = next(model.parameters()).device
     if model.training:
         model.eval()
@@ -61,8 +68,22 @@ def recall_at_k(similarity: torch.Tensor, caption_to_image, ks=(1, 5, 10)) -> di
         ks: the K values to report.
     """
     similarity = torch.as_tensor(similarity, dtype=torch.float32)
+    if similarity.ndim != 2 or similarity.numel() == 0:
+        raise ValueError(f"recall_at_k needs a non-empty (captions, images) similarity matrix, got shape "
+                         f"{tuple(similarity.shape)}: is the table or gallery empty?")
     caption_to_image = torch.tensor(np.asarray(caption_to_image), dtype=torch.long)
     n_captions, n_images = similarity.shape
+    if caption_to_image.shape != (n_captions,):
+        raise ValueError(f"recall_at_k: caption_to_image has shape {tuple(caption_to_image.shape)} but the "
+                         f"similarity matrix has {n_captions} caption rows")
+    outside = (caption_to_image < 0) | (caption_to_image >= n_images)
+    if outside.any():
+        first = int(outside.nonzero()[0, 0])
+        raise ValueError(f"recall_at_k: caption {first} points at image {int(caption_to_image[first])}, outside "
+                         f"the {n_images} image columns")
+    bad_ks = [k for k in ks if not (isinstance(k, (int, np.integer)) and k >= 1)]
+    if bad_ks:
+        raise ValueError(f"recall_at_k: every k in ks must be an integer >= 1, got {bad_ks}")
     correct = torch.zeros(n_captions, n_images, dtype=torch.bool)  # (M, N)
     correct[torch.arange(n_captions), caption_to_image] = True
     # Rank = how many candidates score strictly higher than the best correct one (0 = top).
@@ -83,9 +104,9 @@ def recall_at_k(similarity: torch.Tensor, caption_to_image, ks=(1, 5, 10)) -> di
     return metrics
 
 
-def retrieval_metrics(model: CLIPModel, tokenizer, df: pd.DataFrame, cfg: Config) -> dict:
-    """R@1/5/10 text-to-image and image-to-text plus median ranks over a caption table."""
-    df = clean_table(df, cfg)
+def retrieval_metrics(model: CLIPModel, tokenizer, df: pd.DataFrame, cfg: Config, name: str = "evaluation") -> dict:
+    """R@1/5/10 text-to-image and image-to-text plus median ranks over a caption table (`name` labels its errors)."""
+    df = clean_table(df, cfg, name=name)
     images = list(pd.unique(df["image"]))
     caption_to_image = pd.Categorical(df["image"], categories=images).codes
     image_embeds = encode_images(model, images, cfg)  # (N, D)
@@ -149,6 +170,7 @@ def top_k_scores(image_embeds, query_embed: torch.Tensor, k: int, chunk_size: in
         k: how many results.
         chunk_size: rows per chunk; bounds the temporary memory.
     """
+    _check_k(k)
     best_scores, best_indices = [torch.empty(0)], [torch.empty(0, dtype=torch.long)]  # an empty gallery finds nothing
     for start in range(0, len(image_embeds), chunk_size):
         chunk = image_embeds[start:start + chunk_size]
@@ -160,6 +182,11 @@ def top_k_scores(image_embeds, query_embed: torch.Tensor, k: int, chunk_size: in
     scores, indices = torch.cat(best_scores), torch.cat(best_indices)
     top = scores.topk(min(k, len(scores)))
     return top.values, indices[top.indices]
+
+
+def _check_k(k) -> None:
+    if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1):
+        raise ValueError(f"k={k!r}: the number of results must be an integer >= 1")
 
 
 def search_images(query: str, model: CLIPModel, tokenizer, images, cfg: Config, k: int = 5,
@@ -174,6 +201,13 @@ def search_images(query: str, model: CLIPModel, tokenizer, images, cfg: Config, 
         k: how many results.
         image_embeds: precomputed gallery embeddings (encode_images or embed_gallery), to search many times cheaply.
     """
+    _check_k(k)
+    if images is None or len(images) == 0:
+        raise ValueError("search_images got an empty gallery: pass the images to search (a list of paths, "
+                         "PIL images or arrays)")
+    if image_embeds is not None and len(image_embeds) != len(images):
+        raise ValueError(f"search_images: image_embeds has {len(image_embeds)} rows but the gallery has "
+                         f"{len(images)} images; embed the same list you search")
     if image_embeds is None:
         image_embeds = encode_images(model, images, cfg)
     with torch.inference_mode():  # no autograd bookkeeping at all: a few hundred microseconds per query
@@ -198,10 +232,23 @@ def zero_shot_classify(model: CLIPModel, tokenizer, images, class_names, cfg: Co
         templates: prompts with one "{}" for the class name; more templates, steadier classes.
         image_embeds: optional precomputed encode_images output.
     """
+    if isinstance(class_names, str):
+        raise ValueError(f"zero_shot_classify takes a list of class names, not one string: use [{class_names!r}]")
+    if len(class_names) == 0:
+        raise ValueError("zero_shot_classify got no classes: pass at least one class name (two to compare)")
+    if not isinstance(class_names, dict):
+        repeated = sorted(name for name, n in Counter(class_names).items() if n > 1)
+        if repeated:  # a dict keeps one of each: the columns would no longer line up with the names given
+            raise ValueError(f"zero_shot_classify: class names {repeated} appear more than once")
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError(f"zero_shot_classify: every template needs one '{{}}' for the class name, got "
+                             f"{[t for t in templates if '{}' not in t] or templates!r}")
+        class_names = {name: [t.format(name) for t in templates] for name in class_names}
+    no_prompts = [name for name, prompts in class_names.items() if isinstance(prompts, str) or len(prompts) == 0]
+    if no_prompts:
+        raise ValueError(f"zero_shot_classify: classes {no_prompts} need a non-empty list of prompts")
     if image_embeds is None:
         image_embeds = encode_images(model, images, cfg)  # (N, D)
-    if not isinstance(class_names, dict):
-        class_names = {name: [t.format(name) for t in templates] for name in class_names}
     class_embeds = torch.stack([encode_texts(model, tokenizer, prompts, cfg).mean(0)
                                 for prompts in class_names.values()])  # (C, D)
     class_embeds = F.normalize(class_embeds, dim=-1)  # averaging shrinks the vectors: renormalise

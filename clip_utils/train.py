@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,8 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
     device = _device(cfg)
     model.to(device)
     model.image_encoder.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and on CPUs
-    train_df, val_df = clean_table(train_df, cfg), clean_table(val_df, cfg)
+    train_df, val_df = clean_table(train_df, cfg, name="train"), clean_table(val_df, cfg, name="val")
+    _check_training_tables(train_df, val_df, cfg)
     norm = dict(mean=model.image_encoder.mean, std=model.image_encoder.std)
     train_loader = make_loader(train_df, tokenizer, cfg, train=True, **norm)
     val_loader = make_loader(val_df, tokenizer, cfg, train=False, **norm)
@@ -215,7 +217,7 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
                 raise FloatingPointError(f"{error} at epoch {epoch}, batch {step}; training stopped, {kept}") from None
             except torch.OutOfMemoryError as error:
                 raise torch.OutOfMemoryError(f"out of memory at epoch {epoch}, batch {step} with batch_size="
-                                             f"{cfg.batch_size}: try Config(batch_size={max(1, cfg.batch_size // 2)}) "
+                                             f"{cfg.batch_size}: try Config(batch_size={max(2, cfg.batch_size // 2)}) "
                                              f"or a smaller image_size. ({error})") from None
             n = len(batch["input_ids"])
             running, seen = running + loss * n, seen + n
@@ -243,6 +245,18 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
     if math.isfinite(best):
         _load_weights(model, out_dir / "best" / "model.safetensors")
     return pd.DataFrame(history)
+
+
+def _check_training_tables(train_df: pd.DataFrame, val_df: pd.DataFrame, cfg: Config) -> None:
+    """Stop a run that could learn nothing; warn when the training table is smaller than one batch."""
+    for name, table in (("train", train_df), ("val", val_df)):
+        if table["image"].nunique() < 2:  # one image: every caption is a positive, there is nothing to contrast
+            raise ValueError(f"the {name} table has {len(table)} usable rows of only {table['image'].nunique()} "
+                             "image; contrastive training needs captions of at least 2 different images")
+    if len(train_df) < cfg.batch_size:
+        warnings.warn(f"the train table has {len(train_df)} usable rows, fewer than one batch (batch_size="
+                      f"{cfg.batch_size}): each epoch is a single step with {len(train_df)} pairs; add rows "
+                      f"or lower batch_size", stacklevel=3)
 
 
 def _save_training(path, model, tokenizer, cfg, optimizer, scheduler, scaler, history, best) -> None:
