@@ -1,8 +1,9 @@
 """clip_utils: a Hindi CLIP, from data to zero-shot, in small rooms read in teaching order.
 
-config -> text -> synthetic (quick-mode scenes) -> datasets (Flickr8k, XM3600) -> data (tables,
-loader) -> model -> losses -> train -> evaluate -> plots -> checkpoints. The notebooks import
-everything from here (`import clip_utils as cu`); nothing is copied into them.
+config -> text -> synthetic (quick-mode scenes) -> translate (English->Hindi captions) ->
+datasets (Flickr8k, XM3600) -> data (tables, loader) -> model -> losses -> train -> evaluate ->
+plots -> checkpoints. The notebooks import everything from here (`import clip_utils as cu`);
+nothing is copied into them.
 
 Two modes share every function; only the `Config` differs:
   quick: CPU, no network, synthetic Hindi scenes, small random-init encoders.
@@ -19,6 +20,8 @@ from .datasets import (
     download_flickr8k,
     download_xm3600,
     extract_archive,
+    flickr8k_machine_captions,
+    hub_file,
     load_flickr8k,
     load_xm3600,
     prepare_data,
@@ -42,6 +45,13 @@ from .plots import plot_history, show_retrieval, show_zero_shot, use_devanagari_
 from .synthetic import HELD_OUT_PAIRS, make_synthetic_dataset, prepare_quick_data, synthetic_classes
 from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
 from .train import fit, make_optimizer, similar_batches, train_step
+from .translate import (
+    DEFAULT_TRANSLATOR,
+    read_english_captions,
+    read_translations,
+    translate_captions,
+    translation_quality,
+)
 
 __all__ = [
     "Config",
@@ -49,7 +59,8 @@ __all__ = [
     "HELD_OUT_PAIRS", "make_synthetic_dataset", "synthetic_classes", "prepare_quick_data",
     "FLICKR8K_URLS", "XM3600_URLS", "PUBLISHED_XM3600_HINDI", "download", "extract_archive",
     "read_captions", "load_flickr8k", "download_flickr8k", "prepare_full_data", "prepare_data",
-    "load_xm3600", "download_xm3600",
+    "load_xm3600", "download_xm3600", "hub_file", "flickr8k_machine_captions",
+    "DEFAULT_TRANSLATOR", "read_english_captions", "translate_captions", "read_translations", "translation_quality",
     "split_by_image", "clean_table", "load_image", "image_transforms", "make_loader",
     "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model",
     "clip_loss", "soft_target_loss",

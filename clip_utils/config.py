@@ -21,6 +21,7 @@ class Config:
     image_dir: str = ""  # relative image paths in a table are joined to this folder
     image_size: int = 224  # square input size fed to the image encoder
     max_length: int = 64  # longest caption in tokens; each batch pads only to its own longest
+    translator: str = "facebook/nllb-200-distilled-600M"  # English->Hindi model when no Hindi caption file is given
     on_bad_input: str = "skip"  # "skip": drop bad rows/images with a counted warning; "raise": stop
     num_workers: int = 2  # DataLoader worker processes on a GPU; on a CPU the model's threads use every core
     # -- model --

@@ -15,6 +15,7 @@ from .config import Config
 from .data import _cached_splits
 from .synthetic import prepare_quick_data
 from .text import normalize_caption
+from .translate import DEFAULT_TRANSLATOR, translate_captions
 
 # -- Real data: download, unpack, parse ---------------------------------------
 # Full mode trains on Flickr8k photos with (machine-translated) Hindi captions and
@@ -291,19 +292,54 @@ def download_flickr8k(data_dir) -> Path:
     return Path(data_dir)
 
 
-def prepare_full_data(data_dir, captions):
-    """Flickr8k with Hindi captions as (train, val, test) tables, downloaded and cached as CSVs.
+def hub_file(uri: str, cache_dir=None) -> Path:
+    """Fetch "hf://datasets/<owner>/<name>[@revision]/<file>" through huggingface_hub's cache; offline once cached.
 
     Args:
-        data_dir: where photos, lists and the CSVs go.
-        captions: the Hindi caption file or URL (public copies are machine-translated; see README).
+        uri: the file in a Hugging Face dataset repository.
+        cache_dir: the Hub cache folder (default: HF_HUB_CACHE or ~/.cache/huggingface/hub).
+    """
+    from huggingface_hub import hf_hub_download
+
+    parts = uri.removeprefix("hf://").split("/")
+    if len(parts) < 4 or parts[0] != "datasets":
+        raise ValueError(f"{uri!r}: write a Hub caption file as hf://datasets/<owner>/<name>/<file>")
+    name, _, revision = parts[2].partition("@")
+    return Path(hf_hub_download(f"{parts[1]}/{name}", "/".join(parts[3:]), repo_type="dataset",
+                                revision=revision or None, cache_dir=cache_dir))
+
+
+def flickr8k_machine_captions(root, data_dir, translator: str = DEFAULT_TRANSLATOR) -> pd.DataFrame:
+    """Hindi captions for Flickr8k made here: its English Flickr8k.token.txt machine-translated by `translator`.
+
+    The translation (image, number, english, caption, truncated) is cached as
+    data_dir/flickr8k_hindi_machine.csv and resumes if stopped; see translate_captions.
+    """
+    tokens = [p for p in Path(root).rglob("Flickr8k.token.txt") if "__MACOSX" not in p.parts]
+    if not tokens:
+        raise FileNotFoundError(f"Flickr8k.token.txt not found under {root}: it ships in Flickr8k_text.zip "
+                                f"({FLICKR8K_URLS['text']})")
+    return translate_captions(tokens[0], Path(data_dir) / "flickr8k_hindi_machine.csv", model_name=translator)
+
+
+def prepare_full_data(data_dir, captions="", translator: str = DEFAULT_TRANSLATOR):
+    """Flickr8k with Hindi captions as (train, val, test) tables, downloaded and cached as CSVs.
+
+    Caption sources, in order: `captions` (a local file, an http(s) URL or hf://datasets/<owner>/<name>/<file>);
+    without one, Flickr8k's own English captions machine-translated by `translator` (flickr8k_machine_captions),
+    whose tables keep the English source in an "english" column.
+
+    Args:
+        data_dir: where photos, lists, the translation and the CSVs go.
+        captions: the Hindi caption file, URL or Hub file; "" translates Flickr8k's English captions.
+        translator: the English->Hindi model used when no caption file is given.
     """
     def make():
-        if not captions:  # checked before the 1 GB download, not after it
-            raise RuntimeError("Full mode needs Flickr8k Hindi captions: set CLIP_HINDI_CAPTIONS to a local file or "
-                               "URL (CSV image,caption; Flickr8k.token.txt layout; or 'image_id caption' lines). "
-                               "See the README.")
-        return load_flickr8k(download_flickr8k(data_dir), captions)
+        source = hub_file(captions) if str(captions).startswith("hf://") else captions  # before the 1 GB download
+        root = download_flickr8k(data_dir)
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        table = read_captions(source) if source else flickr8k_machine_captions(root, data_dir, translator)
+        return load_flickr8k(root, table)
 
     return _cached_splits(data_dir, make)
 
@@ -311,11 +347,12 @@ def prepare_full_data(data_dir, captions):
 def prepare_data(cfg: Config, data_dir, captions=None):
     """(train, val, test) for cfg.mode: the synthetic set in quick mode, Flickr8k + Hindi captions in full mode.
 
-    Full mode takes the caption file from `captions`, else from the CLIP_HINDI_CAPTIONS environment variable.
+    Full mode takes the caption file from `captions`, else from the CLIP_HINDI_CAPTIONS environment variable,
+    else translates Flickr8k's English captions with cfg.translator.
     """
     if cfg.mode != "full":
         return prepare_quick_data(data_dir)
-    return prepare_full_data(data_dir, captions or os.environ.get("CLIP_HINDI_CAPTIONS", ""))
+    return prepare_full_data(data_dir, captions or os.environ.get("CLIP_HINDI_CAPTIONS", ""), cfg.translator)
 
 
 def load_xm3600(captions_jsonl, image_dir, language: str = "hi", all_captions: bool = False) -> pd.DataFrame:
