@@ -109,7 +109,7 @@ def load_checkpoint(path, device: str | None = None):
 def _published_config(cfg: Config | None, residual: bool) -> Config:
     """The published architecture: our names, temperature 1, square 224 px resize as it was trained."""
     return dataclasses.replace(cfg or Config.full(), image_pretrained=False, residual_heads=residual,
-                               init_logit_scale=0.0, eval_resize="square")
+                               init_logit_scale=0.0, eval_resize="square", image_size=224)
 
 
 def load_published_checkpoint(path_or_repo=PUBLISHED_REPO, cfg: Config | None = None,

@@ -96,8 +96,9 @@ class Config:
     def from_env(cls, **overrides) -> "Config":
         """Pick quick or full from CLIP_HINDI_MODE; without it, full on CUDA and quick otherwise.
 
-        CLIP_HINDI_EPOCHS, CLIP_HINDI_BATCH_SIZE and CLIP_HINDI_MAX_MINUTES shorten a recipe without
-        editing a notebook (the offline full-mode rehearsal runs one tiny epoch); explicit overrides win.
+        CLIP_HINDI_EPOCHS, CLIP_HINDI_BATCH_SIZE, CLIP_HINDI_IMAGE_SIZE and CLIP_HINDI_MAX_MINUTES change a
+        recipe without editing a notebook (the offline full-mode rehearsal runs one small epoch at 64 px);
+        explicit overrides win.
         """
         mode = os.environ.get("CLIP_HINDI_MODE", "").strip().lower()
         if mode not in ("", "quick", "full"):
@@ -105,7 +106,7 @@ class Config:
         if not mode:
             mode = "full" if torch.cuda.is_available() else "quick"
         from_env = {}
-        for name, kind in (("epochs", int), ("batch_size", int), ("max_minutes", float)):
+        for name, kind in (("epochs", int), ("batch_size", int), ("image_size", int), ("max_minutes", float)):
             value = os.environ.get(f"CLIP_HINDI_{name.upper()}", "").strip()
             if value:
                 try:
