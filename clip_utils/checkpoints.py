@@ -109,7 +109,7 @@ def load_checkpoint(path, device: str | None = None):
 def _published_config(cfg: Config | None, residual: bool) -> Config:
     """The published architecture: our names, temperature 1, square 224 px resize as it was trained."""
     return dataclasses.replace(cfg or Config.full(), image_pretrained=False, residual_heads=residual,
-                               init_logit_scale=0.0, eval_resize="square", image_size=224)
+                               init_logit_scale=0.0, eval_resize="square")
 
 
 def load_published_checkpoint(path_or_repo=PUBLISHED_REPO, cfg: Config | None = None,
@@ -181,6 +181,8 @@ def load_trained(cfg: Config, checkpoint: str = "", residual: bool = True):
     published = checkpoint.endswith(".pt") or checkpoint == PUBLISHED_REPO or (Path(checkpoint) / "model.pt").exists()
     if published:
         source = Path(checkpoint) / "model.pt" if Path(checkpoint).is_dir() else checkpoint
+        if checkpoint == PUBLISHED_REPO:  # its architecture is the full recipe's, at 224 px, whatever cfg says
+            cfg = Config.full(out_dir=cfg.out_dir, device=cfg.device)
         model = load_published_checkpoint(source, cfg, residual=residual)
         pub_cfg = _published_config(cfg, residual)
         return (model.to(_device(pub_cfg)), AutoTokenizer.from_pretrained(pub_cfg.text_model), pub_cfg,

@@ -174,7 +174,8 @@ def _archives(mirror: Path) -> Path:
 
     keys = [hashlib.sha1(f"xm{i}".encode()).hexdigest()[:16] for i in range(12)]
     records = [{"image/key": key, "image/locale": "hi",
-                "hi": {"caption": [f"{SUBJECTS[i % 6]} {PLACES[(i + 1) % 6]}", f"{SUBJECTS[(i + 2) % 6]} {PLACES[i % 6]}"]},
+                "hi": {"caption": [f"{SUBJECTS[i % 6]} {PLACES[(i + 1) % 6]}",
+                                   f"{SUBJECTS[(i + 2) % 6]} {PLACES[i % 6]}"]},
                 "en": {"caption": ["a photo"]}} for i, key in enumerate(keys)]
     records.append({"image/key": "ffffffffffffffff", "image/locale": "en", "en": {"caption": ["no Hindi here"]}})
     with zipfile.ZipFile(mirror / "captions.zip", "w") as zf:

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import rehearsal  # tests/ is on sys.path (pytest rootdir-less test modules)
 import torch
 from PIL import Image
 
 import clip_utils as cu
-
-from . import rehearsal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,8 +117,8 @@ def test_eval_keeps_the_aspect_ratio_for_pretrained_towers_and_squares_the_publi
     published = cu.checkpoints._published_config(None, residual=True)
     assert published.eval_resize == "square" and cu.Config.full().eval_resize == "crop"
     assert cu.Config.quick().eval_resize == "square"
-    from timm.data import resolve_data_config
     import timm
+    from timm.data import resolve_data_config
 
     assert resolve_data_config({}, model=timm.create_model("resnet50"))["crop_pct"] == 0.95  # what ImageEncoder reads
 
@@ -199,7 +198,9 @@ def _run_setup(monkeypatch, versions, imported_matplotlib):
         return versions[name]
 
     monkeypatch.setattr(importlib.metadata, "version", version)
-    if not imported_matplotlib:
+    if imported_matplotlib:
+        monkeypatch.setitem(sys.modules, "matplotlib", sys.modules.get("matplotlib") or types.ModuleType("matplotlib"))
+    else:
         monkeypatch.delitem(sys.modules, "matplotlib", raising=False)
     exec(TransformerManager().transform_cell(_cells(1)[0]), namespace)
     return [line for name, line in magics if name == "pip"]

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from . import rehearsal
+import rehearsal  # tests/ is on sys.path (pytest rootdir-less test modules)
 
 pytestmark = pytest.mark.slow
 
