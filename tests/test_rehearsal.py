@@ -21,8 +21,19 @@ def rehearsal_env(tmp_path_factory):
     return repo, {**keep, **env, "PYTHON": sys.executable}
 
 
+# Run one notebook in its own folder with nbclient (as nbmake and `jupyter execute` do) and keep its outputs.
+EXECUTE = """
+import sys, nbclient, nbformat
+from pathlib import Path
+nb = nbformat.read(sys.argv[1], as_version=4)
+nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                        resources={"metadata": {"path": str(Path(sys.argv[1]).parent)}}).execute()
+nbformat.write(nb, sys.argv[2])
+"""
+
+
 def _outputs(notebook) -> str:
-    """The text a run printed, from a notebook executed with nbconvert."""
+    """The text a run printed, from a notebook executed by EXECUTE."""
     cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
     return "\n".join("".join(out.get("text", "")) for c in cells for out in c.get("outputs", []))
 
@@ -40,9 +51,8 @@ def test_run_all_in_full_mode_then_a_fresh_runtime_loads_the_published_checkpoin
     # Colab opens each notebook in a fresh runtime: no run folder, so 03-05 must load the published checkpoint.
     shutil.rmtree(repo / "runs")
     for name in ("03_zero_shot_demo", "04_evaluate", "05_linear_probe"):
-        result = subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-                                 "--ExecutePreprocessor.timeout=900", "--output-dir", str(tmp_path),
-                                 str(repo / "notebooks" / f"{name}.ipynb")], env=env, capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-c", EXECUTE, str(repo / "notebooks" / f"{name}.ipynb"),
+                                 str(tmp_path / f"{name}.ipynb")], env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
         printed = _outputs(tmp_path / f"{name}.ipynb")
         assert "Loaded the published checkpoint damerajee/clip-hindi" in printed, name
