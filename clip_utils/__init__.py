@@ -9,24 +9,37 @@ Two modes share every function; only the `Config` differs:
   quick: CPU, no network, synthetic Hindi scenes, small random-init encoders.
   full:  GPU, real photos, pretrained timm and Hugging Face encoders.
 """
-from .checkpoints import load_checkpoint, load_published_checkpoint, save_checkpoint
+from .checkpoints import (
+    PUBLISHED_REPO,
+    load_checkpoint,
+    load_published_checkpoint,
+    load_trained,
+    model_card,
+    push_to_hub,
+    save_checkpoint,
+)
 from .config import Config
 from .data import clean_table, image_transforms, load_image, make_loader, split_by_image
 from .datasets import (
+    CATS_VS_DOGS,
+    CATS_VS_DOGS_HINDI,
     FLICKR8K_URLS,
     PUBLISHED_XM3600_HINDI,
     XM3600_URLS,
     download,
+    download_cats_vs_dogs,
     download_flickr8k,
     download_xm3600,
     extract_archive,
     flickr8k_machine_captions,
     hub_file,
+    labelled_folder,
     load_flickr8k,
     load_xm3600,
     prepare_data,
     prepare_full_data,
     read_captions,
+    split_labelled,
 )
 from .evaluate import (
     HINDI_TEMPLATES,
@@ -60,6 +73,7 @@ __all__ = [
     "FLICKR8K_URLS", "XM3600_URLS", "PUBLISHED_XM3600_HINDI", "download", "extract_archive",
     "read_captions", "load_flickr8k", "download_flickr8k", "prepare_full_data", "prepare_data",
     "load_xm3600", "download_xm3600", "hub_file", "flickr8k_machine_captions",
+    "CATS_VS_DOGS", "CATS_VS_DOGS_HINDI", "labelled_folder", "download_cats_vs_dogs", "split_labelled",
     "DEFAULT_TRANSLATOR", "read_english_captions", "translate_captions", "read_translations", "translation_quality",
     "split_by_image", "clean_table", "load_image", "image_transforms", "make_loader",
     "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model",
@@ -68,5 +82,6 @@ __all__ = [
     "encode_images", "encode_texts", "recall_at_k", "retrieval_metrics", "embed_gallery",
     "top_k_scores", "search_images", "zero_shot_classify", "HINDI_TEMPLATES",
     "use_devanagari_font", "plot_history", "show_retrieval", "show_zero_shot",
-    "save_checkpoint", "load_checkpoint", "load_published_checkpoint",
+    "save_checkpoint", "load_checkpoint", "load_published_checkpoint", "load_trained", "PUBLISHED_REPO",
+    "model_card", "push_to_hub",
 ]

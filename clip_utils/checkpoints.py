@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -60,14 +61,40 @@ def save_checkpoint(path, model: CLIPModel, tokenizer, cfg: Config, extra: dict 
     return path
 
 
+PUBLISHED_REPO = "damerajee/clip-hindi"  # the published checkpoint on the Hugging Face Hub (model.pt)
+
+
+def _hub_folder(repo_id: str, repo_type: str = "model", allow_patterns=None) -> Path:
+    """A Hub repository as a local folder (downloaded once into the Hugging Face cache; offline: from the cache)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=allow_patterns))
+
+
+def _looks_like_repo_id(name) -> bool:
+    name = str(name)
+    return name.count("/") == 1 and not Path(name).suffix and not name.startswith((".", "/", "~"))
+
+
 def load_checkpoint(path, device: str | None = None):
-    """Rebuild (model, tokenizer, cfg) from a save_checkpoint folder, offline (no downloads)."""
+    """Rebuild (model, tokenizer, cfg) from a save_checkpoint folder, or a Hub repo id holding one, without network.
+
+    A Hub id ("you/clip-hindi", as push_to_hub writes it) is fetched once into the Hugging Face cache.
+    """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = Path(path)
+    if not path.exists():
+        if not _looks_like_repo_id(path):
+            raise FileNotFoundError(f"no checkpoint folder {path} (and it is not a Hub repo id like 'you/clip-hindi')")
+        path = _hub_folder(str(path))
+    if not (path / "config.json").exists() and (path / "model.pt").exists():
+        raise ValueError(f"{path} holds the published layout (model.pt): load it with load_published_checkpoint")
     meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
     known = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in meta["config"].items() if k in known})
+    saved = {k: v for k, v in meta["config"].items() if k in known}
+    saved.setdefault("eval_resize", "square")  # saved before the option existed: evaluated square, as trained
+    cfg = Config(**saved)
     if "channels" in cfg.image_model_kwargs:  # JSON turned the tuple into a list
         cfg.image_model_kwargs["channels"] = tuple(cfg.image_model_kwargs["channels"])
     cfg = dataclasses.replace(cfg, image_pretrained=False)  # weights come from the file, not timm
@@ -79,30 +106,38 @@ def load_checkpoint(path, device: str | None = None):
     return model.to(device or _device(cfg)).eval(), tokenizer, cfg
 
 
-def load_published_checkpoint(path_or_repo="damerajee/clip-hindi", cfg: Config | None = None,
-                              text_encoder_model=None):
+def _published_config(cfg: Config | None, residual: bool) -> Config:
+    """The published architecture: our names, temperature 1, square 224 px resize as it was trained."""
+    return dataclasses.replace(cfg or Config.full(), image_pretrained=False, residual_heads=residual,
+                               init_logit_scale=0.0, eval_resize="square")
+
+
+def load_published_checkpoint(path_or_repo=PUBLISHED_REPO, cfg: Config | None = None,
+                              text_encoder_model=None, residual: bool = True):
     """Load the published `model.pt` (a local file or a Hub repository) into the architecture it was trained with.
 
-    Its projection heads have no residual connection and its loss had a fixed temperature of 1;
-    both are reproduced here. Missing or unexpected keys are reported in a warning, never
-    silently ignored; a key whose shape differs raises.
+    Every training script in the published repository has the Simple-CLIP head (`x = x + projected`
+    before the LayerNorm), so the heads are rebuilt with that residual; residual=False rebuilds them
+    without it, as the repository's later code (written after training) does. The loss had a fixed
+    temperature of 1 and images were resized square to 224 px; both are reproduced. Missing or
+    unexpected keys are reported in a warning, never silently ignored; a key whose shape differs raises.
 
     Args:
         path_or_repo: a .pt state dict (read with weights_only=True) or a Hub repo id holding model.pt.
         cfg: architecture names (image_model, text_model); defaults to Config.full().
         text_encoder_model: an already built Hugging Face encoder (e.g. from a local config).
+        residual: rebuild the projection heads with the residual connection (default) or without.
     """
     from transformers import AutoConfig, AutoModel
 
     path = Path(str(path_or_repo))
     if not path.exists():
-        if path.suffix or str(path_or_repo).count("/") != 1:  # looks like a file, not "owner/name"
+        if not _looks_like_repo_id(path_or_repo):  # looks like a file, not "owner/name"
             raise FileNotFoundError(f"no checkpoint file {path}")
         from huggingface_hub import hf_hub_download
 
         path = Path(hf_hub_download(str(path_or_repo), "model.pt"))
-    cfg = dataclasses.replace(cfg or Config.full(), image_pretrained=False, residual_heads=False,
-                              init_logit_scale=0.0)
+    cfg = _published_config(cfg, residual)
     if text_encoder_model is None:
         text_encoder_model = AutoModel.from_config(AutoConfig.from_pretrained(cfg.text_model))
     model = CLIPModel(cfg, ImageEncoder(cfg), TextEncoder(cfg, text_encoder_model))
@@ -118,3 +153,136 @@ def load_published_checkpoint(path_or_repo="damerajee/clip-hindi", cfg: Config |
                       f"{len(unexpected)} unexpected keys {unexpected[:5]}")
     model.logit_scale.requires_grad_(False)
     return model.eval()
+
+
+def load_trained(cfg: Config, checkpoint: str = "", residual: bool = True):
+    """The model a notebook should use: (model, tokenizer, cfg, where it came from), or None in quick mode.
+
+    Order: `checkpoint` (else CLIP_HINDI_CHECKPOINT): a save_checkpoint folder, a Hub repo id, or the
+    published repo / a model.pt file; then the run folder cfg.out_dir/best (notebook 02, on Drive too);
+    then, in full mode only, the published checkpoint PUBLISHED_REPO. Quick mode returns None when no
+    checkpoint exists (training one takes about 2-3 minutes).
+
+    Args:
+        cfg: the notebook's Config (mode, out_dir, text_model).
+        checkpoint: a folder, a Hub repo id or a .pt file; "" looks for CLIP_HINDI_CHECKPOINT.
+        residual: for the published checkpoint, rebuild its heads with the residual (see load_published_checkpoint).
+    """
+    from transformers import AutoTokenizer
+
+    checkpoint = str(checkpoint or os.environ.get("CLIP_HINDI_CHECKPOINT", "")).strip()
+    run = Path(cfg.out_dir) / "best"
+    if not checkpoint and (run / "model.safetensors").exists():
+        checkpoint = str(run)
+    if not checkpoint:
+        if cfg.mode != "full":
+            return None
+        checkpoint = PUBLISHED_REPO
+    published = checkpoint.endswith(".pt") or checkpoint == PUBLISHED_REPO or (Path(checkpoint) / "model.pt").exists()
+    if published:
+        source = Path(checkpoint) / "model.pt" if Path(checkpoint).is_dir() else checkpoint
+        if checkpoint == PUBLISHED_REPO:  # its architecture is the full recipe's, at 224 px, whatever cfg says
+            cfg = Config.full(out_dir=cfg.out_dir, device=cfg.device)
+        model = load_published_checkpoint(source, cfg, residual=residual)
+        pub_cfg = _published_config(cfg, residual)
+        return (model.to(_device(pub_cfg)), AutoTokenizer.from_pretrained(pub_cfg.text_model), pub_cfg,
+                f"the published checkpoint {checkpoint} ({'with' if residual else 'without'} head residual)")
+    model, tokenizer, loaded_cfg = load_checkpoint(checkpoint)
+    return model, tokenizer, loaded_cfg, f"your checkpoint {checkpoint}"
+
+
+def model_card(cfg: Config, metrics: dict | None = None, data: str = "") -> str:
+    """A Hugging Face model card (README.md) for a checkpoint: language hi, the recipe, the data, measured recall.
+
+    Args:
+        cfg: the checkpoint's Config (its recipe).
+        metrics: recall as retrieval_metrics returns it (fractions), optionally per evaluation set
+            ({"XM3600 Hindi": {...}, ...}); None says that nothing was measured.
+        data: what it was trained on, in words (default: from cfg.mode).
+    """
+    data = data or ("Flickr8k photos with machine-translated Hindi captions (official 6,000-image train split)"
+                    if cfg.mode == "full" else "the synthetic Hindi scenes of clip_utils' quick mode")
+    text_tower = cfg.text_model if cfg.text_pretrained else "BERT from scratch"
+    recipe = [f"- image tower: `{cfg.image_model}` ({'pretrained' if cfg.mode == 'full' else 'random init'}), "
+              f"{cfg.image_size} px",
+              f"- text tower: `{text_tower}`, {cfg.pooling} pooling, max {cfg.max_length} tokens",
+              f"- heads: {cfg.projection_dim}-d projection, {'with' if cfg.residual_heads else 'without'} residual",
+              f"- loss: `{cfg.loss}`, batch {cfg.batch_size}, {cfg.epochs} epochs, learning rates image "
+              f"{cfg.image_encoder_lr:g} / text {cfg.text_encoder_lr:g} / heads {cfg.head_lr:g}, seed {cfg.seed}"]
+    if metrics and not isinstance(next(iter(metrics.values())), dict):
+        metrics = {"evaluation": metrics}
+    rows = ["| evaluation set | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 |", "|---|---|---|---|---|"]
+    rows += [f"| {name} | " + " | ".join(f"{100 * m[k]:.1f}" if k in m else "" for k in
+                                        ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1")) + " |"
+             for name, m in (metrics or {}).items()]
+    results = "\n".join(rows) if metrics else "Not measured yet: run notebook 04 and push again with its metrics."
+    return f"""---
+language:
+- hi
+license: mit
+library_name: pytorch
+tags:
+- clip
+- hindi
+- image-text-retrieval
+- zero-shot-image-classification
+---
+
+# Hindi CLIP ({cfg.mode} recipe)
+
+A two-tower CLIP model for Hindi, trained with [clip-hindi](https://github.com/clip-hindi/clip-hindi).
+
+## Recipe
+{chr(10).join(recipe)}
+
+## Data
+{data}.
+
+## Measured recall (percent)
+{results}
+
+## Use
+```python
+import clip_utils as cu
+model, tokenizer, cfg = cu.load_checkpoint("<this repo id>")
+cu.search_images("घास पर कुत्ता", model, tokenizer, image_paths, cfg)
+```
+"""
+
+
+def push_to_hub(run_folder, repo_id: str, metrics: dict | None = None, private: bool = False, api=None,
+                data: str = ""):
+    """Publish a checkpoint folder to the Hugging Face Hub with a generated model card; returns the commit.
+
+    `run_folder` is a save_checkpoint folder or a run folder holding best/ (its history.csv goes along).
+    load_checkpoint(repo_id) reads it back. Needs a Hub token (`huggingface-cli login`, or in Colab
+    `from huggingface_hub import notebook_login; notebook_login()`).
+
+    Args:
+        run_folder: a checkpoint folder or a run folder with best/.
+        repo_id: "you/clip-hindi"; created if it does not exist.
+        metrics: measured recall for the card (see model_card).
+        private: create the repository as private.
+        api: the Hub client (default huggingface_hub.HfApi()); tests pass one that writes to a local folder.
+        data: the training data in words, for the card.
+    """
+    import tempfile
+
+    run_folder = Path(run_folder)
+    checkpoint = run_folder / "best" if (run_folder / "best" / "config.json").exists() else run_folder
+    if not (checkpoint / "config.json").exists():
+        raise FileNotFoundError(f"no checkpoint in {run_folder} (expected config.json there or in best/)")
+    _, _, cfg = load_checkpoint(checkpoint, device="cpu")  # refuses a broken folder before anything is uploaded
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    with tempfile.TemporaryDirectory() as stage:
+        stage = Path(stage) / "repo"
+        shutil.copytree(checkpoint, stage, ignore=shutil.ignore_patterns("training_state.pt"))
+        if (checkpoint.parent / "history.csv").exists():
+            shutil.copy(checkpoint.parent / "history.csv", stage)
+        (stage / "README.md").write_text(model_card(cfg, metrics, data), encoding="utf-8")
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(folder_path=str(stage), repo_id=repo_id,
+                                 commit_message=f"clip-hindi checkpoint ({cfg.mode} recipe)")

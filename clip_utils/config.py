@@ -20,6 +20,7 @@ class Config:
     # -- data --
     image_dir: str = ""  # relative image paths in a table are joined to this folder
     image_size: int = 224  # square input size fed to the image encoder
+    eval_resize: str = "crop"  # evaluation: "crop" keeps the aspect ratio (timm's crop_pct), "square" stretches
     max_length: int = 64  # longest caption in tokens; each batch pads only to its own longest
     translator: str = "facebook/nllb-200-distilled-600M"  # English->Hindi model when no Hindi caption file is given
     on_bad_input: str = "skip"  # "skip": drop bad rows/images with a counted warning; "raise": stop
@@ -74,6 +75,7 @@ class Config:
         base = dict(
             mode="quick",
             image_size=64,  # synthetic scenes are 96 px; 64 px keeps shapes legible and doubles speed
+            eval_resize="square",  # the scenes are square: nothing to crop
             max_length=48,  # synthetic captions are at most ~40 tokens
             num_workers=0,  # tiny images decode faster than worker processes start
             image_model="resnet18",
@@ -101,12 +103,26 @@ class Config:
 
     @classmethod
     def from_env(cls, **overrides) -> "Config":
-        """Pick quick or full from CLIP_HINDI_MODE; without it, full on CUDA and quick otherwise."""
+        """Pick quick or full from CLIP_HINDI_MODE; without it, full on CUDA and quick otherwise.
+
+        CLIP_HINDI_EPOCHS, CLIP_HINDI_BATCH_SIZE, CLIP_HINDI_IMAGE_SIZE and CLIP_HINDI_MAX_MINUTES change a
+        recipe without editing a notebook (the offline full-mode rehearsal runs one small epoch at 64 px);
+        explicit overrides win.
+        """
         mode = os.environ.get("CLIP_HINDI_MODE", "").strip().lower()
         if mode not in ("", "quick", "full"):
             raise ValueError(f"CLIP_HINDI_MODE must be 'quick' or 'full', got {mode!r}")
         if not mode:
             mode = "full" if torch.cuda.is_available() else "quick"
+        from_env = {}
+        for name, kind in (("epochs", int), ("batch_size", int), ("image_size", int), ("max_minutes", float)):
+            value = os.environ.get(f"CLIP_HINDI_{name.upper()}", "").strip()
+            if value:
+                try:
+                    from_env[name] = kind(value)
+                except ValueError:
+                    raise ValueError(f"CLIP_HINDI_{name.upper()} must be a number, got {value!r}") from None
+        overrides = {**from_env, **overrides}
         return cls.full(**overrides) if mode == "full" else cls.quick(**overrides)
 
 

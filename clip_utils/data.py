@@ -2,6 +2,7 @@
 augmentation and the DataLoader."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from functools import partial
@@ -55,14 +56,21 @@ def split_by_image(df: pd.DataFrame, val_frac: float = 0.1, test_frac: float = 0
 
 
 def _cached_splits(data_dir, make):
-    """(train, val, test) from data_dir/{train,val,test}.csv, or from make() once, then written there."""
-    paths = [Path(data_dir) / f"{name}.csv" for name in ("train", "val", "test")]
+    """(train, val, test) from data_dir/{train,val,test}.csv, or from make() once, then written there.
+
+    Image paths are stored relative to the CSV's folder when they lie inside it (absolute otherwise) and
+    come back absolute, so the tables work from any working directory and survive moving the folder.
+    """
+    folder = os.path.abspath(data_dir)
+    paths = [Path(folder) / f"{name}.csv" for name in ("train", "val", "test")]
     if all(p.exists() for p in paths):
-        return tuple(pd.read_csv(p) for p in paths)
-    splits = make()
+        splits = [pd.read_csv(p) for p in paths]
+        return tuple(df.assign(image=[os.path.join(folder, im) for im in df["image"]]) for df in splits)
+    splits = [df.assign(image=[os.path.abspath(im) for im in df["image"]]) for df in make()]
     for part, path in zip(splits, paths):
-        part.to_csv(path, index=False)
-    return splits
+        inside = [os.path.relpath(im, folder) if im.startswith(folder + os.sep) else im for im in part["image"]]
+        part.assign(image=inside).to_csv(path, index=False)
+    return tuple(splits)
 
 
 def _resolve(path, cfg: Config) -> str:
@@ -72,12 +80,13 @@ def _resolve(path, cfg: Config) -> str:
 
 def load_image(path, max_side: int | None = None) -> np.ndarray:
     """Decode any image file to an RGB uint8 array (H, W, 3); huge images are shrunk while decoding."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         if max_side:
             image.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4, 1/8 scale: cheap
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # phone photos store "rotate me" in EXIF, not in pixels
         if max_side and max(image.size) > 2 * max_side:
             image.thumbnail((2 * max_side, 2 * max_side))
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -151,15 +160,33 @@ def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True, name: 
     return df
 
 
-def image_transforms(cfg: Config, train: bool, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+def image_transforms(cfg: Config, train: bool, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                     crop_pct: float | None = None, interpolation: str = "bilinear"):
     """Albumentations pipeline: light, caption-safe augmentation for training; resize + normalise for eval.
 
-    No flips and no hue changes: captions say "left", "right" and name colours.
+    No flips and no hue changes: captions say "left", "right" and name colours. Evaluation with
+    cfg.eval_resize="crop" keeps a photo's aspect ratio as timm evaluates its pretrained towers: the
+    shorter side is resized to image_size / crop_pct and the centre cropped; "square" stretches to size.
+
+    Args:
+        cfg: image_size and eval_resize.
+        train: augment (always the square resize the towers were trained on here).
+        mean, std: the image encoder's normalisation.
+        crop_pct, interpolation: the tower's own crop fraction and resampling (timm's pretrained config).
     """
     import albumentations as A
+    import cv2
     from albumentations.pytorch import ToTensorV2
 
-    steps = [A.Resize(cfg.image_size, cfg.image_size)]
+    if cfg.eval_resize not in ("crop", "square"):
+        raise ValueError(f"cfg.eval_resize must be 'crop' or 'square', got {cfg.eval_resize!r}")
+    if train or cfg.eval_resize == "square":
+        steps = [A.Resize(cfg.image_size, cfg.image_size)]
+    else:
+        flag = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST,
+                "lanczos": cv2.INTER_LANCZOS4}.get(interpolation, cv2.INTER_LINEAR)
+        side = math.floor(cfg.image_size / (crop_pct or 0.875))  # timm's default crop fraction is 0.875
+        steps = [A.SmallestMaxSize(max_size=side, interpolation=flag), A.CenterCrop(cfg.image_size, cfg.image_size)]
     if train:
         steps += [A.Affine(scale=(0.9, 1.1), translate_percent=(-0.04, 0.04), rotate=(-5, 5),
                            border_mode=1, p=0.7),  # replicate border: no black wedges
@@ -207,7 +234,8 @@ def _collate(batch, tokenizer, max_length: int) -> dict:
                 attention_mask=tokens["attention_mask"], image_ids=torch.tensor(image_ids))
 
 
-def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None, std=None, batches=None):
+def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None, std=None, batches=None,
+                crop_pct=None, interpolation="bilinear"):
     """A DataLoader over every caption row; training shuffles with a seeded generator unless given batches.
 
     Args:
@@ -217,10 +245,12 @@ def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None
         train: augment and shuffle (and drop a ragged last batch).
         mean, std: the image encoder's normalisation (defaults to ImageNet's).
         batches: optional list of row-index lists to use instead of shuffling (see similar_batches).
+        crop_pct, interpolation: the image encoder's evaluation crop (see image_transforms).
     """
     if len(df) == 0:
         raise ValueError("make_loader got a table with no rows; clean_table says which rows were dropped and why")
     norm = {k: v for k, v in dict(mean=mean, std=std).items() if v is not None}
+    norm.update(crop_pct=crop_pct, interpolation=interpolation)
     lengths = np.array([len(ids) for ids in tokenizer(list(df["caption"]))["input_ids"]])
     if (lengths > cfg.max_length).any():
         warnings.warn(f"{(lengths > cfg.max_length).sum()} of {len(lengths)} captions are longer than "

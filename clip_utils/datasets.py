@@ -121,10 +121,19 @@ def extract_archive(archive, dest) -> Path:
 
 
 def _fetch(url: str, folder) -> Path:
-    """Download and unpack once; a marker file records that unpacking finished."""
+    """Download and unpack once; a marker file records that unpacking finished.
+
+    With CLIP_HINDI_MIRROR set to a folder, the archive is read from the file of the same name there
+    instead (a machine without internet, or a copy downloaded once for a class), through the same code.
+    """
     folder = Path(folder)
     marker = folder / f".{Path(url).name}.done"
     if not marker.exists():
+        mirror = os.environ.get("CLIP_HINDI_MIRROR", "").strip()
+        if mirror:
+            if not (Path(mirror) / Path(url).name).exists():
+                raise FileNotFoundError(f"CLIP_HINDI_MIRROR={mirror} has no {Path(url).name} (the file behind {url})")
+            url = (Path(mirror) / Path(url).name).resolve().as_uri()
         extract_archive(download(url, folder / "downloads" / Path(url).name), folder)
         marker.touch()
     return folder
@@ -394,3 +403,87 @@ def download_xm3600(data_dir) -> tuple[Path, Path]:
     if jsonl is None or image is None:
         raise FileNotFoundError(f"captions.jsonl or the .jpg images are missing under {data_dir} after unpacking")
     return jsonl, image.parent
+
+
+# -- A labelled photo set for the linear probe ----------------------------------
+# The published project fine-tuned on the Hub's cats-vs-dogs set and named its classes in Hindi.
+
+CATS_VS_DOGS = "microsoft/cats_vs_dogs"  # Hub dataset: parquet files with columns image {bytes, path} and labels
+CATS_VS_DOGS_HINDI = ("बिल्ली", "कुत्ता")  # its labels 0 (cat) and 1 (dog), as the published notebook names them
+_PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def labelled_folder(folder) -> pd.DataFrame:
+    """A folder of labelled photos, folder/<class name>/*.jpg, as a table (image, label)."""
+    files = sorted(p for p in Path(folder).glob("*/*") if p.suffix.lower() in _PHOTO_SUFFIXES)
+    return pd.DataFrame({"image": [str(p.resolve()) for p in files], "label": [p.parent.name for p in files]})
+
+
+def download_cats_vs_dogs(folder, per_class: int = 200, seed: int = 0) -> Path:
+    """Write `per_class` photos of each class of microsoft/cats_vs_dogs into folder/बिल्ली/ and folder/कुत्ता/.
+
+    The parquet files come through huggingface_hub (once, into its cache; the first of the two shards
+    holds both classes); unreadable images are skipped. A finished folder is reused.
+
+    Args:
+        folder: where the class folders go.
+        per_class: photos per class (fewer if the set has fewer).
+        seed: which photos.
+    """
+    import io
+
+    from PIL import Image
+
+    from .checkpoints import _hub_folder
+
+    folder = Path(folder)
+    marker = folder / f".cats_vs_dogs-{per_class}.done"
+    if marker.exists():
+        return folder
+    files = []
+    for pattern in ("*-00000-of-*.parquet", "*.parquet"):  # the first shard is enough; else everything
+        snapshot = _hub_folder(CATS_VS_DOGS, repo_type="dataset", allow_patterns=[pattern, f"*/{pattern}"])
+        files = sorted(p for p in snapshot.rglob(pattern))
+        table = pd.concat([pd.read_parquet(p) for p in files]) if files else pd.DataFrame(columns=["labels"])
+        if files and table["labels"].nunique() == len(CATS_VS_DOGS_HINDI):
+            break
+    if not files:
+        raise FileNotFoundError(f"no parquet files in the Hub dataset {CATS_VS_DOGS}")
+    for label, name in enumerate(CATS_VS_DOGS_HINDI):
+        rows = table[table["labels"] == label]
+        rows = rows.sample(min(per_class, len(rows)), random_state=seed)
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(rows["image"]):
+            data = image["bytes"] if isinstance(image, dict) else image
+            try:
+                with Image.open(io.BytesIO(data)) as decoded:
+                    decoded.load()
+            except Exception:  # a broken photo: skip it, the probe needs only readable ones
+                continue
+            (folder / name / f"{label}_{i:04d}.jpg").write_bytes(data)
+    marker.touch()
+    return folder
+
+
+def split_labelled(df: pd.DataFrame, column: str = "label", test_frac: float = 0.5, seed: int = 0,
+                   min_images: int = 2) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split a labelled table into (pool, test) per class; classes with too few images are named and dropped.
+
+    Args:
+        df: table with an image column and the label `column`.
+        column: the label column.
+        test_frac: share of each class that goes to test.
+        seed: sampling seed.
+        min_images: a class needs at least this many images (one for the pool, one for test).
+    """
+    counts = df[column].value_counts()
+    too_few = counts[counts < min_images]
+    if len(too_few):
+        warnings.warn("dropped classes with fewer than {} images: {}".format(
+            min_images, ", ".join(f"{name} ({n})" for name, n in too_few.items())), stacklevel=2)
+        df = df[~df[column].isin(too_few.index)]
+    if df[column].nunique() < 2:
+        raise ValueError(f"a probe needs at least 2 classes with {min_images}+ images each; have "
+                         f"{dict(counts)} in column {column!r}")
+    test = df.groupby(column, group_keys=False).sample(frac=test_frac, random_state=seed)
+    return df.drop(test.index), test

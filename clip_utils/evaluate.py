@@ -24,7 +24,9 @@ def encode_images(model: CLIPModel, images, cfg: Config, batch_size: int = 128) 
     if len(images) == 0:
         raise ValueError("encode_images got no images: pass a non-empty list of paths, PIL images or arrays")
     device = next(model.parameters()).device
-    transform = image_transforms(cfg, train=False, mean=model.image_encoder.mean, std=model.image_encoder.std)
+    encoder = model.image_encoder
+    transform = image_transforms(cfg, train=False, mean=encoder.mean, std=encoder.std, crop_pct=encoder.crop_pct,
+                                 interpolation=encoder.interpolation)
     if model.training:  # eval() walks every module: skip it when there is nothing to switch
         model.eval()
     out = []
@@ -145,7 +147,8 @@ def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=t
         raise ValueError(f"embed_gallery stores float16 or float32, not {dtype}")
     if cache_dir is None:
         return encode_images(model, images, cfg).to(dtype)
-    files = hashlib.sha1(f"{cfg.image_size} {model.image_encoder.mean} {model.image_encoder.std}\n".encode())
+    files = hashlib.sha1(f"{cfg.image_size} {cfg.eval_resize} {model.image_encoder.mean} {model.image_encoder.std} "
+                         f"{model.image_encoder.crop_pct}\n".encode())
     for image in images:
         stat = os.stat(_resolve(image, cfg))
         files.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())

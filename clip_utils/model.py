@@ -26,6 +26,7 @@ class ImageEncoder(nn.Module):
         self.train()
         data_cfg = timm.data.resolve_data_config({}, model=self.model)
         self.mean, self.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])  # the encoder's own
+        self.crop_pct, self.interpolation = data_cfg["crop_pct"], data_cfg["interpolation"]  # its eval crop
         if cfg.image_pretrained and data_cfg["input_size"][-1] != cfg.image_size:
             warnings.warn(f"{cfg.image_model} was pretrained at {data_cfg['input_size'][-1]} px but "
                           f"cfg.image_size is {cfg.image_size}; set image_size to match its pretraining")

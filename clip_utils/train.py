@@ -176,7 +176,8 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
     model.image_encoder.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and on CPUs
     train_df, val_df = clean_table(train_df, cfg, name="train"), clean_table(val_df, cfg, name="val")
     _check_training_tables(train_df, val_df, cfg)
-    norm = dict(mean=model.image_encoder.mean, std=model.image_encoder.std)
+    norm = dict(mean=model.image_encoder.mean, std=model.image_encoder.std, crop_pct=model.image_encoder.crop_pct,
+                interpolation=model.image_encoder.interpolation)
     train_loader = make_loader(train_df, tokenizer, cfg, train=True, **norm)
     val_loader = make_loader(val_df, tokenizer, cfg, train=False, **norm)
     optimizer = make_optimizer(model, cfg)
