@@ -26,13 +26,10 @@ from .datasets import (
     FLICKR8K_URLS,
     PUBLISHED_XM3600_HINDI,
     XM3600_URLS,
-    download,
     download_cats_vs_dogs,
     download_flickr8k,
     download_xm3600,
-    extract_archive,
     flickr8k_machine_captions,
-    hub_file,
     labelled_folder,
     load_flickr8k,
     load_xm3600,
@@ -41,6 +38,7 @@ from .datasets import (
     read_captions,
     split_labelled,
 )
+from .downloads import download, extract_archive, hub_file
 from .evaluate import (
     HINDI_TEMPLATES,
     embed_gallery,

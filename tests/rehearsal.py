@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tiny_nllb import PAIRS, save_tiny_nllb  # tests/ is on sys.path, in pytest and as a script
 
 SUBJECTS = ["एक कुत्ता", "एक बिल्ली", "एक बच्चा", "एक आदमी", "एक लड़की", "दो कुत्ते"]
 PLACES = ["घास पर दौड़ रहा है।", "पानी में खेल रहा है।", "सड़क पर साइकिल चला रहा है।", "बर्फ़ में कूद रहा है।",
@@ -138,6 +139,8 @@ HUB = {  # repo id -> (repo type, builder); later builders may read earlier repo
     "timm/resnet50.a1_in1k": ("model", _resnet50),
     "damerajee/clip-hindi": ("model", _published),
     "microsoft/cats_vs_dogs": ("dataset", _cats_vs_dogs),
+    # the built-in translator of Flickr8k's English captions (used when no CLIP_HINDI_CAPTIONS is given)
+    "facebook/nllb-200-distilled-600M": ("model", lambda folder, cache: save_tiny_nllb(folder)),
 }
 
 
@@ -158,7 +161,7 @@ def _archives(mirror: Path) -> Path:
         for i, name in enumerate(every):
             zf.writestr(f"Flicker8k_Dataset/{name}", _jpeg(i, sizes[i % 4], orientation=6 if i % 5 == 0 else None))
             zf.writestr(f"__MACOSX/Flicker8k_Dataset/._{name}", b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble junk
-    english = [f"{name}#{k}\tA dog runs on the grass ." for name in every for k in range(5)]
+    english = [f"{name}#{k}\t{PAIRS[(i + k) % len(PAIRS)][0]}" for i, name in enumerate(every) for k in range(5)]
     with zipfile.ZipFile(mirror / "Flickr8k_text.zip", "w") as zf:
         zf.writestr("Flickr8k.token.txt", "\n".join(english) + "\n")
         zf.writestr("Flickr8k.lemma.token.txt", "\n".join(english) + "\n")
@@ -190,7 +193,11 @@ def _archives(mirror: Path) -> Path:
 
 
 def build(root) -> dict:
-    """Build the fixture under `root` (reused if already built); returns the environment that points at it."""
+    """Build the fixture under `root` (reused if already built); returns the environment that points at it.
+
+    It sets no CLIP_HINDI_CAPTIONS, so full mode translates the English captions itself, as it does for a user
+    with public sources alone; root/flickr8k_hindi_captions.txt is a Hindi caption file to set it to.
+    """
     root = Path(root).resolve()
     cache = root / "hf" / "hub"
     if not (root / ".built").exists():
@@ -201,7 +208,6 @@ def build(root) -> dict:
         (root / ".built").touch()
     return dict(HF_HOME=str(root / "hf"), HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                 HF_DATASETS_OFFLINE="1", CLIP_HINDI_MODE="full", CLIP_HINDI_MIRROR=str(root / "mirror"),
-                CLIP_HINDI_CAPTIONS=str(root / "flickr8k_hindi_captions.txt"),
                 # a tiny recipe (one epoch, 64 px instead of 224): the rehearsal checks the code paths, not the skill
                 CLIP_HINDI_EPOCHS="1", CLIP_HINDI_BATCH_SIZE="8", CLIP_HINDI_IMAGE_SIZE="64",
                 MPLBACKEND="Agg", TQDM_DISABLE="1")

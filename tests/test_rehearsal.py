@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import rehearsal  # tests/ is on sys.path (pytest rootdir-less test modules)
 
@@ -18,7 +19,7 @@ def rehearsal_env(tmp_path_factory):
     env = rehearsal.build(root / "fixture")
     repo = rehearsal.copy_repo(root / "repo")
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("CLIP_HINDI_", "HF_"))}
-    return repo, {**keep, **env, "PYTHON": sys.executable}
+    return repo, {**keep, **env, "PYTHON": sys.executable}, root / "fixture"
 
 
 # Run one notebook in its own folder with nbclient (as nbmake and `jupyter execute` do) and keep its outputs.
@@ -39,7 +40,7 @@ def _outputs(notebook) -> str:
 
 
 def test_run_all_in_full_mode_then_a_fresh_runtime_loads_the_published_checkpoint(rehearsal_env, tmp_path):
-    repo, env = rehearsal_env
+    repo, env, fixture = rehearsal_env
     result = subprocess.run(["bash", "run_all.sh"], cwd=repo, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "mode: full" in result.stdout
@@ -60,3 +61,16 @@ def test_run_all_in_full_mode_then_a_fresh_runtime_loads_the_published_checkpoin
     printed = _outputs(tmp_path / "05_linear_probe.ipynb")
     assert "skipped [4, 8] examples per class: the smallest class has 3 pool images" in printed
     assert not (repo / "runs").exists() or not any((repo / "runs").rglob("model.safetensors"))  # nothing trained
+
+    # With public sources alone, notebook 01 made its captions by translation and kept their English sources ...
+    machine = repo / "data" / "full" / "flickr8k_hindi_machine.csv"
+    assert machine.exists() and "english" in pd.read_csv(repo / "data" / "full" / "train.csv").columns
+    # ... and with a caption file of the user's (CLIP_HINDI_CAPTIONS) it reads that file instead.
+    for table in (repo / "data" / "full").glob("*.csv"):
+        table.unlink()
+    captions = {**env, "CLIP_HINDI_CAPTIONS": str(fixture / "flickr8k_hindi_captions.txt")}
+    result = subprocess.run([sys.executable, "-c", EXECUTE, str(repo / "notebooks" / "01_prepare_data.ipynb"),
+                             str(tmp_path / "01_prepare_data.ipynb")], env=captions, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = pd.read_csv(repo / "data" / "full" / "train.csv")
+    assert "english" not in train.columns and train["caption"].str.contains("घास पर दौड़ रहा है").any()
