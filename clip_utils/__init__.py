@@ -1,7 +1,8 @@
 """clip_utils: a Hindi CLIP, from data to zero-shot, in small rooms read in teaching order.
 
 config -> text -> synthetic (quick-mode scenes) -> datasets (Flickr8k, XM3600) -> data (tables,
-loader) -> model -> losses -> train -> evaluate -> plots -> checkpoints. The notebooks import
+loader) -> model -> losses -> train -> evaluate -> plots -> checkpoints -> distill (from an English
+CLIP; LiT). The notebooks import
 everything from here (`import clip_utils as cu`); nothing is copied into them.
 
 Two modes share every function; only the `Config` differs:
@@ -25,6 +26,7 @@ from .datasets import (
     prepare_full_data,
     read_captions,
 )
+from .distill import clip_from_transformers, distill_text_tower, lit_config, student_clip
 from .evaluate import (
     HINDI_TEMPLATES,
     embed_gallery,
@@ -37,7 +39,7 @@ from .evaluate import (
     zero_shot_classify,
 )
 from .losses import clip_loss, soft_target_loss
-from .model import CLIPModel, ImageEncoder, ProjectionHead, TextEncoder, build_model
+from .model import CLIPModel, ImageEncoder, ProjectionHead, TextEncoder, build_model, build_text_tower
 from .plots import plot_history, show_retrieval, show_zero_shot, use_devanagari_font
 from .synthetic import HELD_OUT_PAIRS, make_synthetic_dataset, prepare_quick_data, synthetic_classes
 from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
@@ -51,11 +53,12 @@ __all__ = [
     "read_captions", "load_flickr8k", "download_flickr8k", "prepare_full_data", "prepare_data",
     "load_xm3600", "download_xm3600",
     "split_by_image", "clean_table", "load_image", "image_transforms", "make_loader",
-    "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model",
+    "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model", "build_text_tower",
     "clip_loss", "soft_target_loss",
     "make_optimizer", "train_step", "similar_batches", "fit",
     "encode_images", "encode_texts", "recall_at_k", "retrieval_metrics", "embed_gallery",
     "top_k_scores", "search_images", "zero_shot_classify", "HINDI_TEMPLATES",
     "use_devanagari_font", "plot_history", "show_retrieval", "show_zero_shot",
     "save_checkpoint", "load_checkpoint", "load_published_checkpoint",
+    "clip_from_transformers", "student_clip", "distill_text_tower", "lit_config",
 ]
