@@ -10,7 +10,7 @@ on the same 246 test scenes (every one holds a colour-shape pair unseen in train
 the teacher and Hindi for the rest. The bar: the student's R@1 is at least 90 % of the teacher's.
 cfg.max_minutes is off, so a loaded machine changes only the times, not the numbers.
 
-    python benchmarks/distill.py [--seeds 42 1 2] [--distill-epochs 20] [--no-lit] [--data data/quick]
+    python benchmarks/distill.py [--seeds 42 1 2] [--distill-epochs 30] [--no-lit] [--data data/quick]
 """
 import argparse
 import os
@@ -41,7 +41,7 @@ def timed(run):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], help="training seeds")
-    parser.add_argument("--distill-epochs", type=int, default=20, help="epochs of distill_text_tower")
+    parser.add_argument("--distill-epochs", type=int, default=30, help="epochs of distill_text_tower")
     parser.add_argument("--no-lit", action="store_true", help="skip the LiT row")
     parser.add_argument("--data", default=str(ROOT / "data" / "quick"), help="quick-mode data folder")
     args = parser.parse_args()
