@@ -1,9 +1,9 @@
 """clip_utils: a Hindi CLIP, from data to zero-shot, in small rooms read in teaching order.
 
-config -> text -> synthetic (quick-mode scenes) -> translate (English->Hindi captions) ->
+config -> text -> synthetic (quick-mode scenes) -> translate (English->Hindi captions) -> downloads ->
 datasets (Flickr8k, XM3600) -> data (tables, loader) -> model -> losses -> train -> evaluate ->
-plots -> checkpoints. The notebooks import everything from here (`import clip_utils as cu`);
-nothing is copied into them.
+plots -> checkpoints -> distill (from an English CLIP; LiT). The notebooks import everything from
+here (`import clip_utils as cu`); nothing is copied into them.
 
 Two modes share every function; only the `Config` differs:
   quick: CPU, no network, synthetic Hindi scenes, small random-init encoders.
@@ -38,6 +38,7 @@ from .datasets import (
     read_captions,
     split_labelled,
 )
+from .distill import clip_from_transformers, distill_text_tower, lit_config, student_clip
 from .downloads import download, extract_archive, hub_file
 from .evaluate import (
     HINDI_TEMPLATES,
@@ -51,7 +52,7 @@ from .evaluate import (
     zero_shot_classify,
 )
 from .losses import clip_loss, soft_target_loss
-from .model import CLIPModel, ImageEncoder, ProjectionHead, TextEncoder, build_model
+from .model import CLIPModel, ImageEncoder, ProjectionHead, TextEncoder, build_model, build_text_tower
 from .plots import plot_history, show_retrieval, show_zero_shot, use_devanagari_font
 from .synthetic import HELD_OUT_PAIRS, make_synthetic_dataset, prepare_quick_data, synthetic_classes
 from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
@@ -74,7 +75,7 @@ __all__ = [
     "CATS_VS_DOGS", "CATS_VS_DOGS_HINDI", "labelled_folder", "download_cats_vs_dogs", "split_labelled",
     "DEFAULT_TRANSLATOR", "read_english_captions", "translate_captions", "read_translations", "translation_quality",
     "split_by_image", "clean_table", "load_image", "image_transforms", "make_loader",
-    "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model",
+    "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model", "build_text_tower",
     "clip_loss", "soft_target_loss",
     "make_optimizer", "train_step", "similar_batches", "fit",
     "encode_images", "encode_texts", "recall_at_k", "retrieval_metrics", "embed_gallery",
@@ -82,4 +83,5 @@ __all__ = [
     "use_devanagari_font", "plot_history", "show_retrieval", "show_zero_shot",
     "save_checkpoint", "load_checkpoint", "load_published_checkpoint", "load_trained", "PUBLISHED_REPO",
     "model_card", "push_to_hub",
+    "clip_from_transformers", "student_clip", "distill_text_tower", "lit_config",
 ]

@@ -48,6 +48,8 @@ def save_checkpoint(path, model: CLIPModel, tokenizer, cfg: Config, extra: dict 
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
     meta = dict(config=dataclasses.asdict(cfg), text_encoder_config=model.text_encoder.model.config.to_dict())
+    if model.image_encoder.from_transformers:  # a transformers CLIP tower: rebuilt from its config
+        meta["image_encoder_config"] = model.image_encoder.model.config.to_dict()
     (tmp / "config.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     for name, obj in (extra or {}).items():
@@ -100,7 +102,10 @@ def load_checkpoint(path, device: str | None = None):
     cfg = dataclasses.replace(cfg, image_pretrained=False)  # weights come from the file, not timm
     text_config = AutoConfig.for_model(**meta["text_encoder_config"])
     text_encoder = TextEncoder(cfg, AutoModel.from_config(text_config))
-    model = CLIPModel(cfg, ImageEncoder(cfg), text_encoder)
+    image_model = None
+    if "image_encoder_config" in meta:
+        image_model = AutoModel.from_config(AutoConfig.for_model(**meta["image_encoder_config"]))
+    model = CLIPModel(cfg, ImageEncoder(cfg, image_model), text_encoder)
     _load_weights(model, path / "model.safetensors")
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     return model.to(device or _device(cfg)).eval(), tokenizer, cfg

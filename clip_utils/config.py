@@ -26,7 +26,7 @@ class Config:
     on_bad_input: str = "skip"  # "skip": drop bad rows/images with a counted warning; "raise": stop
     num_workers: int = 2  # DataLoader worker processes on a GPU; on a CPU the model's threads use every core
     # -- model --
-    image_model: str = "resnet50"  # any timm model name
+    image_model: str = "resnet50"  # a timm name, or a transformers CLIP name/folder (has a "/"): its vision tower
     image_pretrained: bool = True  # load timm's ImageNet weights
     image_model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
     image_pool: str = "avg"  # timm global pool; "flatten" keeps the small final grid, i.e. *where* things are
@@ -34,10 +34,11 @@ class Config:
     text_pretrained: bool = True  # False: random-init BERT from text_config + WordPiece trained on captions
     text_config: dict = field(default_factory=dict)  # BertConfig arguments when text_pretrained is False
     vocab_size: int = 2000  # WordPiece vocabulary size when the tokenizer is trained on captions
-    pooling: str = "cls"  # "cls" token or "mean" over non-padding tokens
+    pooling: str = "cls"  # "cls" token, "mean" over non-padding tokens, or "pooler" (the model's own: CLIP's end token)
     projection_dim: int = 256  # shared embedding size of both towers
     dropout: float = 0.1  # dropout inside the projection heads
     residual_heads: bool = True  # the published checkpoint's heads have no residual connection
+    heads: str = "mlp"  # "mlp": ProjectionHead per tower; "linear": bias-free linear maps, as OpenAI CLIP's own
     init_logit_scale: float = math.log(1 / 0.07)  # learnable temperature starts at 1/0.07, as in CLIP
     max_logit_scale: float = math.log(100)  # clamp so the temperature cannot run away
     loss: str = "clip"  # "clip" (symmetric InfoNCE) or "soft_target" (the published Simple-CLIP loss)

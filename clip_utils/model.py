@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -11,11 +12,21 @@ from .config import Config, _seed_everything
 from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
 
 
-class ImageEncoder(nn.Module):
-    """Any timm backbone with its classifier removed: images (B, 3, H, W) -> pooled features (B, F)."""
+def _is_transformers_clip(name: str) -> bool:
+    """"openai/clip-vit-base-patch32" or a local folder names a transformers CLIP; timm names have no "/"."""
+    return "/" in name and not name.startswith(("hf-hub:", "hf_hub:"))
 
-    def __init__(self, cfg: Config):
+
+class ImageEncoder(nn.Module):
+    """Any timm backbone with its classifier removed, or a transformers CLIP vision tower:
+    images (B, 3, H, W) -> pooled features (B, F)."""
+
+    def __init__(self, cfg: Config, model=None):
         super().__init__()
+        self.from_transformers = model is not None or _is_transformers_clip(cfg.image_model)
+        if self.from_transformers:
+            self._init_transformers_clip(cfg, model)
+            return
         import timm
 
         pool = "" if cfg.image_pool == "flatten" else cfg.image_pool
@@ -31,7 +42,23 @@ class ImageEncoder(nn.Module):
             warnings.warn(f"{cfg.image_model} was pretrained at {data_cfg['input_size'][-1]} px but "
                           f"cfg.image_size is {cfg.image_size}; set image_size to match its pretraining")
 
+    def _init_transformers_clip(self, cfg: Config, model) -> None:
+        """CLIP's vision transformer: pooled, layer-normed class token (B, hidden); CLIP's own mean and std."""
+        from transformers import AutoConfig, CLIPVisionModel
+        from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        if model is None:
+            model = (CLIPVisionModel.from_pretrained(cfg.image_model) if cfg.image_pretrained else
+                     CLIPVisionModel(AutoConfig.from_pretrained(cfg.image_model).vision_config))
+        self.model, self.out_dim = model, model.config.hidden_size
+        self.mean, self.std = tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)
+        if model.config.image_size != cfg.image_size:  # its position embeddings fit one input size only
+            raise ValueError(f"{cfg.image_model} takes {model.config.image_size} px images but cfg.image_size is "
+                             f"{cfg.image_size}: set image_size={model.config.image_size}")
+
     def forward(self, images):
+        if self.from_transformers:
+            return self.model(pixel_values=images).pooler_output  # (B, hidden)
         return self.model(images).flatten(1)  # (B, F); F = C * h * w when image_pool="flatten"
 
 
@@ -47,7 +74,10 @@ class TextEncoder(nn.Module):
         self.out_dim = self.model.config.hidden_size
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooling == "pooler":  # CLIP: the end-of-text token after the final LayerNorm
+            return output.pooler_output  # (B, H)
+        hidden = output.last_hidden_state  # (B, T, H)
         if self.pooling == "cls":
             return hidden[:, 0]  # (B, H)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
@@ -86,10 +116,12 @@ class CLIPModel(nn.Module):
         self.freeze = cfg.freeze  # a name, not a module attribute: that would duplicate state-dict keys
         if self.freeze != "none":
             self._frozen_tower().requires_grad_(False)
-        self.image_projection = ProjectionHead(image_encoder.out_dim, cfg.projection_dim, cfg.dropout,
-                                               cfg.residual_heads)
-        self.text_projection = ProjectionHead(text_encoder.out_dim, cfg.projection_dim, cfg.dropout,
-                                              cfg.residual_heads)
+        if cfg.heads not in ("mlp", "linear"):
+            raise ValueError(f"cfg.heads must be 'mlp' or 'linear', got {cfg.heads!r}")
+        head = (partial(ProjectionHead, dropout=cfg.dropout, residual=cfg.residual_heads) if cfg.heads == "mlp"
+                else partial(nn.Linear, bias=False))  # "linear": what OpenAI CLIP's projections are
+        self.image_projection = head(image_encoder.out_dim, cfg.projection_dim)
+        self.text_projection = head(text_encoder.out_dim, cfg.projection_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
 
     def _frozen_tower(self):
@@ -123,6 +155,12 @@ def build_model(cfg: Config, captions=None):
     is built from cfg.text_config; otherwise both load from cfg.text_model (name or folder).
     """
     _seed_everything(cfg.seed)
+    text_encoder, tokenizer = build_text_tower(cfg, captions)
+    return CLIPModel(cfg, ImageEncoder(cfg), text_encoder), tokenizer
+
+
+def build_text_tower(cfg: Config, captions=None):
+    """(TextEncoder, tokenizer) alone, as build_model makes them: by name, or random-init BERT + WordPiece."""
     if cfg.text_pretrained:
         from transformers import AutoTokenizer
 
@@ -141,4 +179,4 @@ def build_model(cfg: Config, captions=None):
     if not keeps_devanagari(tokenizer, probe):
         warnings.warn(f"tokenizer of {cfg.text_model!r} loses Devanagari matras or virama "
                       f"(or maps them to {tokenizer.unk_token}): Hindi captions will be mangled")
-    return CLIPModel(cfg, ImageEncoder(cfg), text_encoder), tokenizer
+    return text_encoder, tokenizer

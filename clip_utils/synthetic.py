@@ -1,4 +1,5 @@
-"""Quick-mode data: synthetic Hindi scenes of coloured shapes, drawn with grammatical captions."""
+"""Quick-mode data: synthetic Hindi scenes of coloured shapes, drawn with grammatical captions
+(and an English translation of each, for distillation from an English CLIP)."""
 from __future__ import annotations
 
 import math
@@ -33,6 +34,18 @@ _SLOT_X = {2: [0.27, 0.73], 3: [0.18, 0.5, 0.82]}
 # (colour, shape) pairs never drawn in training scenes: test images use them.
 HELD_OUT_PAIRS = [("लाल", "त्रिभुज"), ("नीला", "तारा"), ("हरा", "अंगूठी"),
                   ("पीला", "वर्ग"), ("बैंगनी", "गोला"), ("नारंगी", "पतंग")]
+# English for every Hindi word the captions use: each caption's translation is built from the same
+# choices, so it draws nothing from the random stream (the Hindi data stays what it was).
+_ENGLISH = {
+    "गोला": "circle", "वृत्त": "circle", "वर्ग": "square", "त्रिभुज": "triangle", "तारा": "star", "सितारा": "star",
+    "पतंग": "kite", "अंगूठी": "ring", "छल्ला": "ring",
+    "लाल": "red", "नीला": "blue", "हरा": "green", "पीला": "yellow", "काला": "black", "नारंगी": "orange",
+    "बैंगनी": "purple", "गुलाबी": "pink", "बड़ा": "big", "छोटा": "small",
+    "बीच में": "in the middle", "बाईं ओर": "on the left", "बाईं तरफ़": "on the left side",
+    "दाईं ओर": "on the right", "दाईं तरफ़": "on the right side", "ऊपर": "at the top",
+    "ऊपर की ओर": "towards the top", "नीचे": "at the bottom", "नीचे की ओर": "towards the bottom",
+    "चित्र में": "in the picture", "इस तस्वीर में": "in this image",
+}
 
 
 def _inflect(adjective: str, gender: str, plural: bool) -> str:
@@ -44,54 +57,69 @@ def _inflect(adjective: str, gender: str, plural: bool) -> str:
     return adjective[:-1] + ("े" if plural else "ा")
 
 
-def _noun_phrase(obj: dict, rng: random.Random, count: int = 1) -> tuple[str, str]:
-    """'एक बड़ी नीली पतंग' or 'दो छोटे लाल गोले'; returns (phrase, gender)."""
+def _noun_phrase(obj: dict, rng: random.Random, count: int = 1) -> tuple[str, str, str]:
+    """'एक बड़ी नीली पतंग' or 'दो छोटे लाल गोले'; returns (phrase, gender, English phrase)."""
     word, gender, plural_word = rng.choice(_SHAPES[obj["shape"]])
     plural = count > 1
     size = _inflect(obj["size"], gender, plural)
     colour = _inflect(obj["colour"], gender, plural)
     number = {1: "एक", 2: "दो", 3: "तीन"}[count]
-    return f"{number} {size} {colour} {plural_word if plural else word}", gender
+    english = (f"{({1: 'a', 2: 'two', 3: 'three'}[count])} {_ENGLISH[obj['size']]} {_ENGLISH[obj['colour']]} "
+               f"{_ENGLISH[word]}" + ("s" if plural else ""))
+    return f"{number} {size} {colour} {plural_word if plural else word}", gender, english
 
 
-def _captions_for(objects: list[dict], same: bool, rng: random.Random, n: int) -> list[str]:
-    """Several differently worded, fully descriptive captions of one scene."""
-    captions = set()
+def _captions_for(objects: list[dict], same: bool, rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """Several differently worded, fully descriptive captions of one scene, each as (Hindi, English)."""
+    captions = {}  # Hindi -> its English translation
     for _ in range(20 * n):
         if len(captions) == n:
             break
         if same:  # one group of identical objects: plural agreement, no positions needed
-            phrase, gender = _noun_phrase(objects[0], rng, count=len(objects))
+            phrase, gender, english = _noun_phrase(objects[0], rng, count=len(objects))
             parts, verb_rest = [phrase], ("रही हैं" if gender == "f" else "रहे हैं")
+            en_parts, en_be = [english], "are"
             be = "हैं"
         else:
-            parts, genders = [], []
+            parts, genders, en_parts = [], [], []
             for obj in objects:
-                phrase, gender = _noun_phrase(obj, rng)
-                parts.append((rng.choice(_POSITIONS[obj["pos"]][1]), phrase))
+                phrase, gender, english = _noun_phrase(obj, rng)
+                pos = rng.choice(_POSITIONS[obj["pos"]][1])
+                parts.append((pos, phrase))
+                en_parts.append((english, _ENGLISH[pos]))
                 genders.append(gender)
             if len(objects) == 1:
                 be, verb_rest = "है", ("रही है" if genders[0] == "f" else "रहा है")
             else:
                 be, verb_rest = "हैं", "रहे हैं"
+            en_be = "is"  # "there is a red circle on the left and a blue star ...": agrees with the first
         style = rng.randrange(4)
         if same:
-            desc = parts[0]
+            desc, en_desc = parts[0], en_parts[0]
         elif style == 3:  # clause per object: "एक नीला गोला बाईं ओर है और ..."
             clauses = [f"{np_} {pos} है" for pos, np_ in parts]
-            captions.add(" और ".join([", ".join(clauses[:-1])] + clauses[-1:] if len(clauses) > 1
-                                     else clauses) + "।")
+            en_clauses = [f"{np_} is {pos}" for np_, pos in en_parts]
+            captions.setdefault(" और ".join([", ".join(clauses[:-1])] + clauses[-1:] if len(clauses) > 1
+                                            else clauses) + "।", _english_list(en_clauses))
             continue
         else:
             items = [f"{pos} {np_}" for pos, np_ in parts]
             desc = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " और " + items[-1]
+            en_desc = _english_list([f"{np_} {pos}" for np_, pos in en_parts])
         if style == 0:
-            captions.add(f"{desc}।")
+            captions.setdefault(f"{desc}।", en_desc)
         elif style == 1:
-            captions.add(f"{rng.choice(['चित्र में', 'इस तस्वीर में'])} {desc} {be}।")
+            where = rng.choice(['चित्र में', 'इस तस्वीर में'])
+            captions.setdefault(f"{where} {desc} {be}।", f"{_ENGLISH[where]} there {en_be} {en_desc}")
         else:
-            captions.add(f"{desc} दिखाई दे {verb_rest}।")
-    return sorted(captions)
+            visible = "is" if len(en_parts) == 1 and not same else "are"
+            captions.setdefault(f"{desc} दिखाई दे {verb_rest}।", f"{en_desc} {visible} visible")
+    return sorted(captions.items())
+
+
+def _english_list(items: list[str]) -> str:
+    """"a, b and c"."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, fill, rng: random.Random) -> None:
@@ -191,8 +219,9 @@ def make_synthetic_dataset(out_dir, n_images: int = 1200, seed: int = 0, image_p
         image.save(path)
         is_held_out = any((o["colour"], o["shape"]) in held for o in objects)
         single = objects[0] if n_obj == 1 else dict(shape="", colour="")
-        for caption in _captions_for(objects, same, rng, captions_per_image):
-            rows.append(dict(image=str(path.resolve()), caption=caption, n_objects=n_obj, held_out=is_held_out,
+        for caption, english in _captions_for(objects, same, rng, captions_per_image):
+            rows.append(dict(image=str(path.resolve()), caption=caption, english=english, n_objects=n_obj,
+                             held_out=is_held_out,
                              shape=single["shape"], colour=single["colour"],
                              label=_class_name(single["colour"], single["shape"]) if n_obj == 1 else ""))
     return pd.DataFrame(rows)
@@ -208,4 +237,9 @@ def prepare_quick_data(data_dir, n_images: int = 1200, seed: int = 0):
         df = make_synthetic_dataset(Path(data_dir) / "images", n_images=n_images, seed=seed)
         return split_by_image(df, val_frac=0.1, test_frac=0.0, seed=seed, force_test=df["held_out"])
 
-    return _cached_splits(data_dir, make)
+    splits = _cached_splits(data_dir, make)
+    if "english" not in splits[0]:  # cached before the English captions existed: draw again (same scenes)
+        for name in ("train", "val", "test"):
+            (Path(data_dir) / f"{name}.csv").unlink()
+        splits = _cached_splits(data_dir, make)
+    return splits

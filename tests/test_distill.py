@@ -1,0 +1,174 @@
+"""Distillation from an English CLIP, and LiT: the teacher stays frozen, the student learns and saves,
+the CLIP tower keeps its weights, and the full-mode path runs on a tiny CLIP saved under the real name."""
+import dataclasses
+
+import pytest
+import torch
+
+import clip_utils as cu
+from clip_utils.distill import _mean_distill_loss
+
+TEACHER_NAME = "openai/clip-vit-base-patch32"
+
+
+def save_tiny_clip(folder, seed: int = 0):
+    """A tiny transformers CLIPModel and CLIP tokenizer (byte-level characters, no merges) saved in `folder`.
+
+    Same classes and file layout as openai/clip-vit-base-patch32, a thousandth of its size: 32 px
+    images, one layer per tower. Returns (model, tokenizer).
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    towers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77,
+                                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                         pad_token_id=vocab["<|endoftext|>"], **towers),
+                        vision_config=dict(image_size=32, patch_size=8, **towers), projection_dim=16)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return model, tokenizer
+
+
+def save_in_hub_cache(save, cache_dir, repo_id: str):
+    """Run save(folder) in cache_dir's Hugging Face layout for repo_id: from_pretrained(repo_id) finds it offline."""
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return save(repo / "snapshots" / commit)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache for this test only (transformers reads the constant at call time)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _student_cfg(tiny_cfg, tmp_path, **overrides):
+    knobs = dict(epochs=3, batch_size=16, text_encoder_lr=1e-3, head_lr=3e-3, patience=5, max_minutes=None,
+                 out_dir=str(tmp_path / "student"))
+    return dataclasses.replace(tiny_cfg, **{**knobs, **overrides})
+
+
+def test_distillation_loss_falls_and_the_teacher_stays_frozen(synthetic, tiny_cfg, tmp_path):
+    _, train, val, _ = synthetic
+    teacher, teacher_tokenizer = cu.build_model(tiny_cfg, captions=train["english"])  # random: fixed targets
+    before = _state(teacher)
+    student, tokenizer, cfg = cu.student_clip(teacher, tiny_cfg, _student_cfg(tiny_cfg, tmp_path),
+                                              captions=train["caption"])
+    targets = cu.encode_texts(teacher, teacher_tokenizer, list(val["english"]), cfg)
+    start = _mean_distill_loss(student, tokenizer, [cu.normalize_caption(c) for c in val["caption"]], targets, cfg,
+                          torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    history = cu.distill_text_tower(student, tokenizer, teacher, teacher_tokenizer, train, val, cfg)
+    assert len(history) == 3
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert history["val_loss"].min() < 0.8 * start, (start, history["val_loss"].tolist())
+    assert _same(before, _state(teacher)), "the teacher changed during distillation"
+    assert (tmp_path / "student" / "best" / "model.safetensors").exists()
+    assert (tmp_path / "student" / "history.csv").exists()
+
+
+def test_distilled_model_uses_the_teacher_image_side_and_reloads_identically(synthetic, tiny_cfg, tmp_path):
+    _, train, val, test = synthetic
+    teacher, teacher_tokenizer = cu.build_model(tiny_cfg, captions=train["english"])
+    student, tokenizer, cfg = cu.student_clip(teacher, tiny_cfg, _student_cfg(tiny_cfg, tmp_path, epochs=1),
+                                              captions=train["caption"])
+    cu.distill_text_tower(student, tokenizer, teacher, teacher_tokenizer, train, val, cfg)
+    images, captions = list(test["image"].unique()), list(test["caption"])
+    image_embeds = cu.encode_images(student, images, cfg)
+    assert torch.equal(image_embeds, cu.encode_images(teacher, images, tiny_cfg))  # the teacher's image space
+    loaded, loaded_tokenizer, loaded_cfg = cu.load_checkpoint(tmp_path / "student" / "best", device="cpu")
+    assert torch.equal(cu.encode_images(loaded, images, loaded_cfg), image_embeds)
+    assert torch.equal(cu.encode_texts(loaded, loaded_tokenizer, captions, loaded_cfg),
+                       cu.encode_texts(student, tokenizer, captions, cfg))
+    metrics = cu.retrieval_metrics(loaded, loaded_tokenizer, test, loaded_cfg)  # any package function takes it
+    assert 0 <= metrics["t2i_R@1"] <= 1
+
+
+def test_pairs_without_an_english_column_are_refused_by_name(synthetic, tiny_cfg, tmp_path):
+    _, train, val, _ = synthetic
+    teacher, teacher_tokenizer = cu.build_model(tiny_cfg, captions=train["english"])
+    student, tokenizer, cfg = cu.student_clip(teacher, tiny_cfg, _student_cfg(tiny_cfg, tmp_path),
+                                              captions=train["caption"])
+    with pytest.raises(ValueError, match="english"):
+        cu.distill_text_tower(student, tokenizer, teacher, teacher_tokenizer, train.drop(columns="english"), val, cfg)
+
+
+def test_lit_keeps_the_clip_tower_weights_and_batch_norm_statistics(synthetic, tiny_cfg, tmp_path):
+    _, train, val, _ = synthetic
+    cfg = cu.lit_config(tiny_cfg, "resnet50_clip_gap.openai")
+    assert (cfg.freeze, cfg.image_size) == ("image", 224)  # CLIP's own input size, read from timm's config
+    # offline and fast: the architecture without downloading its weights, at 64 px (a pooled head takes any size)
+    cfg = dataclasses.replace(cfg, image_pretrained=False, image_size=64, epochs=1, out_dir=str(tmp_path / "lit"))
+    model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+    assert model.image_encoder.mean == pytest.approx((0.4815, 0.4578, 0.4082), abs=1e-4)  # CLIP's, not ImageNet's
+    tower, text = _state(model.image_encoder), _state(model.text_encoder)
+    assert any("running_mean" in k for k in tower)
+    small = train[train["image"].isin(train["image"].unique()[:8])]
+    cu.fit(model, tokenizer, small, val.head(8), cfg)
+    assert _same(tower, _state(model.image_encoder)), "the frozen CLIP tower's weights or batch-norm stats moved"
+    assert not _same(text, _state(model.text_encoder)), "the text tower did not train"
+
+
+def test_full_mode_path_through_a_tiny_clip_saved_under_the_real_name(synthetic, tiny_cfg, tmp_path, hub_cache):
+    from transformers import CLIPModel as HFCLIPModel
+
+    _, train, val, test = synthetic
+    reference, reference_tokenizer = save_in_hub_cache(save_tiny_clip, hub_cache, TEACHER_NAME)
+    assert HFCLIPModel.from_pretrained(TEACHER_NAME) is not None  # offline, from the cache: the real call
+    teacher, teacher_tokenizer, teacher_cfg = cu.clip_from_transformers(TEACHER_NAME, tiny_cfg)
+    assert (teacher_cfg.image_size, teacher_cfg.projection_dim, teacher_cfg.heads) == (32, 16, "linear")
+    texts = ["a big red circle on the left", "two small blue stars"]
+    tokens = reference_tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference.get_text_features(**tokens).pooler_output
+    expected = torch.nn.functional.normalize(expected, dim=-1)
+    assert torch.allclose(cu.encode_texts(teacher, teacher_tokenizer, texts, teacher_cfg), expected, atol=1e-5)
+    images = list(test["image"].unique()[:4])
+    pixels = torch.stack([cu.image_transforms(teacher_cfg, train=False, mean=teacher.image_encoder.mean,
+                                              std=teacher.image_encoder.std)(image=cu.load_image(p, 32))["image"]
+                          for p in images])
+    with torch.no_grad():
+        expected = reference.get_image_features(pixel_values=pixels).pooler_output
+    expected = torch.nn.functional.normalize(expected, dim=-1)
+    assert torch.allclose(cu.encode_images(teacher, images, teacher_cfg), expected, atol=1e-5)
+
+    before = _state(teacher)
+    student, tokenizer, cfg = cu.student_clip(teacher, teacher_cfg, _student_cfg(tiny_cfg, tmp_path, epochs=2),
+                                              captions=train["caption"])
+    history = cu.distill_text_tower(student, tokenizer, teacher, teacher_tokenizer, train, val, cfg)
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert _same(before, _state(teacher))
+    loaded, loaded_tokenizer, loaded_cfg = cu.load_checkpoint(tmp_path / "student" / "best", device="cpu")
+    assert loaded_cfg.image_model == TEACHER_NAME
+    assert torch.equal(cu.encode_images(loaded, images, loaded_cfg), cu.encode_images(teacher, images, teacher_cfg))
+    assert torch.equal(cu.encode_texts(loaded, loaded_tokenizer, list(test["caption"]), loaded_cfg),
+                       cu.encode_texts(student, tokenizer, list(test["caption"]), cfg))
+
+    lit = cu.lit_config(dataclasses.replace(tiny_cfg, out_dir=str(tmp_path / "lit"), epochs=1), TEACHER_NAME)
+    assert (lit.image_size, lit.freeze) == (32, "image")
+    lit_model, lit_tokenizer = cu.build_model(lit, captions=train["caption"])  # the CLIP vision tower, by name
+    assert lit_model.image_encoder.mean == teacher.image_encoder.mean
+    tower = _state(lit_model.image_encoder)
+    cu.fit(lit_model, lit_tokenizer, train.head(16), val.head(8), lit)
+    assert _same(tower, _state(lit_model.image_encoder))
