@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tiny_nllb import PAIRS, save_tiny_nllb  # tests/ is on sys.path, in pytest and as a script
+from tiny_clip import save_tiny_clip  # tests/ is on sys.path, in pytest and as a script
+from tiny_nllb import PAIRS, save_tiny_nllb
 
 SUBJECTS = ["एक कुत्ता", "एक बिल्ली", "एक बच्चा", "एक आदमी", "एक लड़की", "दो कुत्ते"]
 PLACES = ["घास पर दौड़ रहा है।", "पानी में खेल रहा है।", "सड़क पर साइकिल चला रहा है।", "बर्फ़ में कूद रहा है।",
@@ -141,6 +142,8 @@ HUB = {  # repo id -> (repo type, builder); later builders may read earlier repo
     "microsoft/cats_vs_dogs": ("dataset", _cats_vs_dogs),
     # the built-in translator of Flickr8k's English captions (used when no CLIP_HINDI_CAPTIONS is given)
     "facebook/nllb-200-distilled-600M": ("model", lambda folder, cache: save_tiny_nllb(folder)),
+    # notebook 06's English teacher (and, in full mode, its LiT image tower)
+    "openai/clip-vit-base-patch32": ("model", lambda folder, cache: save_tiny_clip(folder)),
 }
 
 
