@@ -1,9 +1,9 @@
 """clip_utils: a Hindi CLIP, from data to zero-shot, in small rooms read in teaching order.
 
-config -> text -> synthetic (quick-mode scenes) -> translate (English->Hindi captions) -> downloads ->
-datasets (Flickr8k, XM3600) -> data (tables, loader) -> model -> losses -> train -> evaluate ->
-plots -> checkpoints -> distill (from an English CLIP; LiT). The notebooks import everything from
-here (`import clip_utils as cu`); nothing is copied into them.
+config -> text -> synthetic (quick-mode scenes) -> translate (English->Hindi captions) ->
+downloads -> datasets (Flickr8k, XM3600) -> data (tables, loader) -> model -> losses -> train ->
+index (search at scale) -> evaluate -> plots -> checkpoints -> distill (from an English CLIP; LiT).
+The notebooks import everything from here (`import clip_utils as cu`); nothing is copied into them.
 
 Two modes share every function; only the `Config` differs:
   quick: CPU, no network, synthetic Hindi scenes, small random-init encoders.
@@ -51,6 +51,7 @@ from .evaluate import (
     top_k_scores,
     zero_shot_classify,
 )
+from .index import EXACT_UP_TO, build_index, index_kind, index_recall, load_index, save_index, search_index
 from .losses import clip_loss, soft_target_loss
 from .model import CLIPModel, ImageEncoder, ProjectionHead, TextEncoder, build_model, build_text_tower
 from .plots import plot_history, show_retrieval, show_zero_shot, use_devanagari_font
@@ -80,6 +81,7 @@ __all__ = [
     "make_optimizer", "train_step", "similar_batches", "fit",
     "encode_images", "encode_texts", "recall_at_k", "retrieval_metrics", "embed_gallery",
     "top_k_scores", "search_images", "zero_shot_classify", "HINDI_TEMPLATES",
+    "EXACT_UP_TO", "index_kind", "build_index", "search_index", "index_recall", "save_index", "load_index",
     "use_devanagari_font", "plot_history", "show_retrieval", "show_zero_shot",
     "save_checkpoint", "load_checkpoint", "load_published_checkpoint", "load_trained", "PUBLISHED_REPO",
     "model_card", "push_to_hub",

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data import _resolve, clean_table, image_transforms, load_image
+from .index import build_index, index_kind, load_index, save_index, search_index
 from .model import CLIPModel
 from .text import normalize_caption
 
@@ -128,8 +129,8 @@ def _image_fingerprint(model: CLIPModel) -> str:
 
 
 def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=torch.float16,
-                  in_memory: bool = True):
-    """Gallery embeddings (N, D), computed once and cached on disk for later searches.
+                  in_memory: bool = True, index: str | None = None):
+    """Gallery embeddings (N, D), computed once and cached on disk for later searches; optionally a search index.
 
     The cache file is named by a hash of the image-side weights, the preprocessing and the file list
     (paths, sizes, modification times), so a retrained model or a changed gallery computes afresh. float16
@@ -142,11 +143,14 @@ def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=t
         dtype: storage type of the embeddings.
         in_memory: False returns a read-only memory map instead of a tensor, for galleries
             larger than memory: top_k_scores then reads it from disk chunk by chunk.
+        index: None, or a build_index kind ("auto", "exact", "ivf"): then (embeddings, index) is returned,
+            the index saved beside the cache under the same name, so a changed model or gallery rebuilds it.
     """
     if dtype not in (torch.float16, torch.float32):
         raise ValueError(f"embed_gallery stores float16 or float32, not {dtype}")
     if cache_dir is None:
-        return encode_images(model, images, cfg).to(dtype)
+        embeds = encode_images(model, images, cfg).to(dtype)
+        return embeds if index is None else (embeds, build_index(embeds, index))
     files = hashlib.sha1(f"{cfg.image_size} {cfg.eval_resize} {model.image_encoder.mean} {model.image_encoder.std} "
                          f"{model.image_encoder.crop_pct}\n".encode())
     for image in images:
@@ -161,7 +165,15 @@ def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=t
         np.save(tmp, embeds)
         os.replace(tmp, path)  # a crash mid-write never leaves a truncated cache behind
     embeds = np.load(path, mmap_mode=None if in_memory else "r")
-    return torch.from_numpy(embeds) if in_memory else embeds
+    embeds = torch.from_numpy(embeds) if in_memory else embeds
+    if index is None:
+        return embeds
+    index_path = path.with_name(f"{path.stem}-{index_kind(len(embeds), index)}.faiss")
+    if index_path.exists() and index_path.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+        return embeds, load_index(index_path, n_images=len(embeds), dim=embeds.shape[1])
+    built = build_index(embeds, index)  # none yet, or older than the embeddings it would serve
+    save_index(built, index_path)
+    return embeds, built
 
 
 def top_k_scores(image_embeds, query_embed: torch.Tensor, k: int, chunk_size: int = 1 << 18):
@@ -193,7 +205,7 @@ def _check_k(k) -> None:
 
 
 def search_images(query: str, model: CLIPModel, tokenizer, images, cfg: Config, k: int = 5,
-                  image_embeds=None) -> pd.DataFrame:
+                  image_embeds=None, index=None) -> pd.DataFrame:
     """Top-k images for a Hindi query, as a table of image and cosine score.
 
     Args:
@@ -203,6 +215,8 @@ def search_images(query: str, model: CLIPModel, tokenizer, images, cfg: Config, 
         cfg: the model's Config.
         k: how many results.
         image_embeds: precomputed gallery embeddings (encode_images or embed_gallery), to search many times cheaply.
+        index: a build_index (or embed_gallery) index over the same gallery, searched instead of scanning
+            image_embeds: the way to search hundreds of thousands of images in milliseconds.
     """
     _check_k(k)
     if images is None or len(images) == 0:
@@ -211,11 +225,15 @@ def search_images(query: str, model: CLIPModel, tokenizer, images, cfg: Config, 
     if image_embeds is not None and len(image_embeds) != len(images):
         raise ValueError(f"search_images: image_embeds has {len(image_embeds)} rows but the gallery has "
                          f"{len(images)} images; embed the same list you search")
-    if image_embeds is None:
+    if index is not None and index.ntotal != len(images):
+        raise ValueError(f"the index holds {index.ntotal} images but the gallery has {len(images)}: "
+                         "build the index from this gallery's embeddings (build_index or embed_gallery)")
+    if image_embeds is None and index is None:
         image_embeds = encode_images(model, images, cfg)
     with torch.inference_mode():  # no autograd bookkeeping at all: a few hundred microseconds per query
         query_embed = encode_texts(model, tokenizer, [query], cfg)[0]  # (D,)
-        scores, indices = top_k_scores(image_embeds, query_embed, k)
+        scores, indices = (top_k_scores(image_embeds, query_embed, k) if index is None
+                           else search_index(index, query_embed, k))
     return pd.DataFrame(dict(image=[images[i] for i in indices.tolist()], score=scores.tolist()))
 
 
