@@ -132,7 +132,7 @@ _CHOICES = {
     "mode": ("quick", "full"),
     "on_bad_input": ("skip", "raise"),
     "image_pool": ("avg", "max", "avgmax", "catavgmax", "token", "map", "flatten"),  # timm's pools + our flatten
-    "pooling": ("cls", "mean"),
+    "pooling": ("cls", "mean", "pooler"),
     "loss": ("clip", "soft_target"),
     "freeze": ("none", "image", "text"),
     "precision": ("auto", "bf16", "fp32"),

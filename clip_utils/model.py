@@ -52,6 +52,7 @@ class ImageEncoder(nn.Module):
                      CLIPVisionModel(AutoConfig.from_pretrained(cfg.image_model).vision_config))
         self.model, self.out_dim = model, model.config.hidden_size
         self.mean, self.std = tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)
+        self.crop_pct, self.interpolation = 1.0, "bicubic"  # CLIP's own: shorter side to the input size, centre crop
         if model.config.image_size != cfg.image_size:  # its position embeddings fit one input size only
             raise ValueError(f"{cfg.image_model} takes {model.config.image_size} px images but cfg.image_size is "
                              f"{cfg.image_size}: set image_size={model.config.image_size}")

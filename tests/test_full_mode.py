@@ -207,7 +207,7 @@ def _run_setup(monkeypatch, versions, imported_matplotlib):
 
 
 NEW = {"matplotlib": "3.11.2", "fontpkg-noto-sans-devanagari": "2.7", "albumentations": "2.0.8", "timm": "1.0.31",
-       "pyarrow": "26.0.1"}
+       "pyarrow": "26.0.1", "faiss-cpu": "1.15.1"}
 
 
 def test_setup_cell_is_the_same_everywhere_and_installs_only_what_is_missing(monkeypatch):
