@@ -351,3 +351,45 @@ def _restore_training(path, model, optimizer, scheduler, scaler) -> tuple[list, 
     if scaler and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     return state["history"], state["best"]
+
+
+def main(argv=None) -> None:
+    """Command line for fit: `python -m clip_utils.train --mode quick`, the same under `accelerate launch`."""
+    import argparse
+
+    from .datasets import prepare_data
+    from .evaluate import retrieval_metrics
+    from .model import build_model
+
+    parser = argparse.ArgumentParser(prog="python -m clip_utils.train", description=main.__doc__)
+    parser.add_argument("--mode", choices=["quick", "full"], default=None, help="default: CLIP_HINDI_MODE, else "
+                        "full on a GPU and quick on a CPU")
+    parser.add_argument("--data-dir", default=None, help="where prepare_data writes (default data/<mode>)")
+    parser.add_argument("--captions", default=None, help="full mode: the Hindi caption file for Flickr8k")
+    parser.add_argument("--train-csv", default=None, help="your own table (columns image, caption) instead")
+    parser.add_argument("--val-csv", default=None, help="its validation table (needed with --train-csv)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/last")
+    for name, kind in [("out_dir", str), ("image_dir", str), ("epochs", int), ("batch_size", int),
+                       ("gradient_accumulation_steps", int), ("precision", str), ("max_minutes", float),
+                       ("seed", int), ("num_workers", int)]:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=f"Config.{name}")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None}
+    cfg = Config.from_env(**overrides) if args.mode is None else getattr(Config, args.mode)(**overrides)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    with state.main_process_first():  # the main process downloads or draws the data; the others find it cached
+        if args.train_csv:
+            train_df, val_df, test_df = pd.read_csv(args.train_csv), pd.read_csv(args.val_csv), None
+        else:
+            train_df, val_df, test_df = prepare_data(cfg, args.data_dir or f"data/{cfg.mode}", args.captions)
+    state.print(f"{cfg.mode} mode, {state.num_processes} process(es) on {state.device}, global batch {cfg.batch_size}")
+    model, tokenizer = build_model(cfg, captions=train_df["caption"])
+    fit(model, tokenizer, train_df, val_df, cfg, resume=args.resume)
+    if state.is_main_process and test_df is not None:
+        print({k: round(v, 4) for k, v in retrieval_metrics(model, tokenizer, test_df, cfg).items()})
+
+
+if __name__ == "__main__":
+    main()
