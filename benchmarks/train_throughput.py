@@ -105,13 +105,15 @@ def our_steps(model, tokenizer, df, cfg, steps):
     model.image_encoder.to(memory_format=torch.channels_last)  # as fit does
     loader = cu.make_loader(df, tokenizer, cfg, train=True, mean=model.image_encoder.mean, std=model.image_encoder.std)
     optimizer = cu.make_optimizer(model, cfg)
-    autocast, scaler = cu.train._autocast(device, cfg.precision)
-    model.train()
+    accelerator = cu.train._accelerator(cfg)  # mixed precision as fit picks it (cfg.precision)
+    trained, optimizer = accelerator.prepare(model, optimizer)
+    trained.train()
     batches, lengths = iter(loader), []
     for _ in range(steps):
         batch = cu.train._to(next(batches), device)
         lengths.append(batch["input_ids"].shape[1])
-        cu.train_step(model, batch, optimizer, cfg, autocast, scaler)
+        cu.train_step(trained, batch, optimizer, cfg, accelerator)
+    accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
     return float(np.mean(lengths))
 
 

@@ -44,7 +44,8 @@ class Config:
     loss: str = "clip"  # "clip" (symmetric InfoNCE) or "soft_target" (the published Simple-CLIP loss)
     freeze: str = "none"  # "image" locks the image tower (LiT: e.g. resnet50_clip.openai), "text", or "none"
     # -- optimisation --
-    batch_size: int = 32  # pairs per step; also the number of in-batch negatives + 1
+    batch_size: int = 32  # pairs per step, over all processes; also the number of in-batch negatives + 1
+    gradient_accumulation_steps: int = 1  # update every k batches; each batch keeps its own negatives
     hard_negatives: int = 0  # >1: build batches from groups of this many look-alike images (see similar_batches)
     epochs: int = 10  # passes over every caption of the training table
     head_lr: float = 1e-3  # projection heads and temperature

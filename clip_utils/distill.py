@@ -18,7 +18,7 @@ from .config import Config, _device, _seed_everything
 from .evaluate import encode_texts
 from .model import CLIPModel, ImageEncoder, TextEncoder, _is_transformers_clip, build_text_tower
 from .text import normalize_caption
-from .train import _autocast
+from .train import _mixed_precision
 
 # The fields that shape the image side and the shared space: a student takes them from its teacher.
 _IMAGE_SIDE = ("image_model", "image_pretrained", "image_model_kwargs", "image_pool", "image_size",
@@ -106,6 +106,15 @@ def _encode_batch(model, tokenizer, captions, cfg, device):
 
 
 @torch.no_grad()
+def _autocast(device: torch.device, cfg: Config):
+    """(autocast context, grad scaler or None) for this plain loop, with the precision fit picks for cfg."""
+    precision = _mixed_precision(cfg)  # "bf16", "fp16" (GPUs without native bf16) or "no"
+    if precision == "no":
+        return torch.autocast(device.type, enabled=False), None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+
 def _mean_distill_loss(model, tokenizer, captions, targets, cfg, device, autocast) -> float:
     model.eval()
     total = 0.0
@@ -149,7 +158,7 @@ def distill_text_tower(model: CLIPModel, tokenizer, teacher: CLIPModel, teacher_
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.factor,
                                                            patience=cfg.patience)
-    autocast, scaler = _autocast(device, cfg.precision)
+    autocast, scaler = _autocast(device, cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     history, best, start = [], math.inf, time.time()

@@ -71,6 +71,8 @@ class TextEncoder(nn.Module):
         from transformers import AutoModel
 
         self.model = model if model is not None else AutoModel.from_pretrained(cfg.text_model)
+        if getattr(self.model, "pooler", None) is not None:  # BERT's own pooler is never used: pooling is below,
+            self.model.pooler.requires_grad_(False)  # and DDP wants a gradient for every trainable weight
         self.pooling = cfg.pooling
         self.out_dim = self.model.config.hidden_size
 

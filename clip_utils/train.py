@@ -14,19 +14,19 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import _load_weights, save_checkpoint
-from .config import Config, _device, _seed_everything
+from .config import Config, _seed_everything
 from .data import clean_table, make_loader
 from .evaluate import encode_images
 from .losses import clip_loss, soft_target_loss
 from .model import CLIPModel
 
 
-def _batch_loss(model: CLIPModel, batch: dict, cfg: Config):
+def _batch_loss(model, batch: dict, cfg: Config):
     image_embeds, text_embeds = model(batch)
     if cfg.loss == "soft_target":
         return soft_target_loss(image_embeds.float(), text_embeds.float())
-    return clip_loss(image_embeds.float(), text_embeds.float(), model.logit_scale, batch["image_ids"])
-
+    logit_scale = getattr(model, "module", model).logit_scale  # DDP keeps the CLIPModel in .module
+    return clip_loss(image_embeds.float(), text_embeds.float(), logit_scale, batch["image_ids"])
 
 
 def make_optimizer(model: CLIPModel, cfg: Config) -> torch.optim.AdamW:
@@ -48,18 +48,37 @@ def _cpu_has_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def _autocast(device: torch.device, precision: str = "auto"):
-    """Mixed precision: bf16 where the hardware has it (GPU or CPU), else fp16 + grad scaler on GPUs, fp32 on CPUs."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"cfg.precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
-    if precision == "fp32" or (device.type != "cuda" and precision == "auto" and not _cpu_has_bf16()):
-        return torch.autocast(device.type, enabled=False), None
-    if device.type != "cuda":
-        return torch.autocast("cpu", dtype=torch.bfloat16), None
-    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # a T4 only emulates it: slow
-    dtype = torch.bfloat16 if native_bf16 or precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None  # fp16 gradients underflow
-    return torch.autocast("cuda", dtype=dtype), scaler
+def _mixed_precision(cfg: Config) -> str:
+    """cfg.precision as Accelerate names it: bf16 where the hardware has it, else fp16 (+ grad scaler) on GPUs,
+    fp32 ("no") on CPUs."""
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"cfg.precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cfg.precision != "auto":
+        return "no" if cfg.precision == "fp32" else "bf16"
+    if not cuda:
+        return "bf16" if _cpu_has_bf16() else "no"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"  # a T4 only emulates bf16
+
+
+def _accelerator(cfg: Config):
+    """The Accelerator for this run: one process or those that `accelerate launch` / notebook_launcher started.
+
+    It places the model and batches on this process's device, wraps the model in DDP when there
+    are several processes, runs the forward pass in mixed precision and accumulates gradients.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"cfg.device must be 'auto', 'cpu' or 'cuda', got {cfg.device!r}; to pick GPUs, set "
+                         f"CUDA_VISIBLE_DEVICES (each process of a launch takes its own GPU)")
+    precision = _mixed_precision(cfg)
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != precision and shared.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state()  # one process (a notebook fitting fp32, then bf16): nothing else to undo
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()  # several CPU processes then talk over gloo
+    return Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -68,33 +87,36 @@ def _to(batch: dict, device: torch.device) -> dict:
     return batch
 
 
-def train_step(model: CLIPModel, batch: dict, optimizer, cfg: Config, autocast=None, scaler=None) -> float:
-    """One optimisation step: forward, loss, backward, update; returns the loss.
+def train_step(model, batch: dict, optimizer, cfg: Config, accelerator=None) -> float:
+    """One optimisation step: forward, loss, backward, update; returns the loss of the whole batch.
 
     A non-finite loss raises FloatingPointError before the update, so the weights stay good.
+    With several processes, each holds a share of the batch, the loss scores it against every
+    process's embeddings, and the returned loss is the same on every process.
 
     Args:
-        model: a CLIPModel in train mode.
+        model: a CLIPModel in train mode (or the model accelerator.prepare returned).
         batch: from make_loader, already on the model's device.
-        optimizer: from make_optimizer.
+        optimizer: from make_optimizer (prepared by the same accelerator, if any).
         cfg: loss choice and temperature clamp.
-        autocast, scaler: mixed-precision context and fp16 grad scaler (None: fp32).
+        accelerator: mixed precision, fp16 grad scaling, DDP and gradient accumulation (None: plain fp32 step).
     """
-    with autocast or contextlib.nullcontext():
-        loss = _batch_loss(model, batch, cfg)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()}")
-    optimizer.zero_grad(set_to_none=True)
-    if scaler:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
+    accumulate = accelerator.accumulate(model) if accelerator else contextlib.nullcontext()
+    with accumulate:  # with gradient_accumulation_steps > 1, only every k-th call updates the weights
+        with accelerator.autocast() if accelerator else contextlib.nullcontext():  # the loss too, in bf16/fp16
+            loss = _batch_loss(model, batch, cfg)  # this process's rows against the whole batch
+        whole = accelerator.reduce(loss.detach(), "mean") if accelerator else loss.detach()  # the batch's loss
+        if not torch.isfinite(whole):  # decided on the batch's loss, so every process stops at the same step
+            raise FloatingPointError(f"loss is {whole.item()}")
+        if accelerator:
+            accelerator.backward(loss)  # scales fp16 losses; DDP averages the gradients over processes
+        else:
+            loss.backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        model.logit_scale.clamp_(0, cfg.max_logit_scale)
-    return loss.item()
+        getattr(model, "module", model).logit_scale.clamp_(0, cfg.max_logit_scale)  # DDP keeps the model in .module
+    return whole.item()
 
 
 def similar_batches(image_embeds, image_ids, batch_size: int, group: int, seed: int) -> list[list[int]]:
@@ -140,15 +162,55 @@ def similar_batches(image_embeds, image_ids, batch_size: int, group: int, seed: 
 
 
 @torch.no_grad()
-def _mean_loss(model, loader, cfg, device, autocast) -> float:
+def _mean_loss(model, loader, cfg, accelerator) -> float:
+    """Mean loss per caption over a loader; with several processes, summed over all of them (the same everywhere)."""
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
         if batch:
-            with autocast:
-                total += _batch_loss(model, _to(batch, device), cfg).item() * len(batch["input_ids"])
+            with accelerator.autocast():
+                total += _batch_loss(model, _to(batch, accelerator.device), cfg).item() * len(batch["input_ids"])
             count += len(batch["input_ids"])
+    if accelerator.num_processes > 1:  # every process then steps its scheduler on the same number
+        sums = torch.tensor([total, count], dtype=torch.float64, device=accelerator.device)
+        total, count = accelerator.reduce(sums, "sum").tolist()
     return total / max(count, 1)
+
+
+def _share(loader, rank: int, world: int, train: bool, seed: int):
+    """A loader over this process's contiguous share of each of `loader`'s global batches (itself with one process).
+
+    In rank order the shares make up the batch, so the gathered batch is the one a single process
+    would see and `batch_size` keeps its meaning. Every process gets the same number of batches:
+    training batches are cut to a multiple of `world` rows (at most world - 1 rows dropped, and only
+    from a table smaller than one batch: full batches divide evenly); a last validation batch
+    shorter than `world` rows joins the one before it.
+
+    Args:
+        loader: from make_loader; its global batches are drawn here, from its seeded generator.
+        rank, world: this process's index and the number of processes.
+        train: cut to equal shares (DDP's averaging then gives the whole batch's gradient).
+        seed: worker seeds of this process, so processes augment with different random streams.
+    """
+    if world == 1:
+        return loader
+    batches = [list(b) for b in loader.batch_sampler]  # the same on every process: the generator is seeded alike
+    if train:
+        batches = [b[:len(b) - len(b) % world] for b in batches]
+    elif len(batches) > 1 and len(batches[-1]) < world:
+        batches[-2:] = [batches[-2] + batches[-1]]
+    shares = [np.array_split(b, world)[rank].tolist() for b in batches if len(b) >= world]
+    return torch.utils.data.DataLoader(
+        loader.dataset, batch_sampler=shares, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn, collate_fn=loader.collate_fn,
+        generator=torch.Generator().manual_seed(seed))
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """True on every process as soon as it is true on one (a time budget must stop all of them at one step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max"))
 
 
 def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame, cfg: Config,
@@ -162,56 +224,80 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
     cfg.seed and the epoch number, so a resumed run repeats an uninterrupted one. With
     cfg.hard_negatives > 1, every epoch after the first takes its batches from similar_batches.
 
+    The same code runs on one CPU or GPU and under `accelerate launch` or notebook_launcher on
+    several GPUs or machines (see main). With N processes, cfg.batch_size is the global batch:
+    each process takes batch_size / N rows of every batch, and the loss scores them against the
+    embeddings of all processes. Batch-norm statistics stay per process, as in plain DDP. Only the
+    main process writes to cfg.out_dir; with several machines it must be a shared folder.
+
     Args:
-        model, tokenizer: from build_model.
+        model, tokenizer: from build_model (the same seed on every process).
         train_df, val_df: caption tables (checked with clean_table here).
         cfg: the run's Config.
         resume: continue from cfg.out_dir/"last" if it exists (a Colab session died mid-run).
     """
     from tqdm.auto import tqdm
 
+    accelerator = _accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % world:
+        nearest = max(world, cfg.batch_size // world * world)
+        raise ValueError(f"cfg.batch_size={cfg.batch_size} is the global batch, shared by {world} processes: "
+                         f"make it a multiple of {world}, e.g. batch_size={nearest}")
     _seed_everything(cfg.seed)
-    device = _device(cfg)
+    device = accelerator.device
     model.to(device)
     model.image_encoder.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and on CPUs
     train_df, val_df = clean_table(train_df, cfg, name="train"), clean_table(val_df, cfg, name="val")
     _check_training_tables(train_df, val_df, cfg)
+    if len(val_df) < world:
+        raise ValueError(f"val_df has {len(val_df)} rows, fewer than the {world} processes: give it more rows")
     norm = dict(mean=model.image_encoder.mean, std=model.image_encoder.std, crop_pct=model.image_encoder.crop_pct,
                 interpolation=model.image_encoder.interpolation)
     train_loader = make_loader(train_df, tokenizer, cfg, train=True, **norm)
-    val_loader = make_loader(val_df, tokenizer, cfg, train=False, **norm)
+    val_loader = _share(make_loader(val_df, tokenizer, cfg, train=False, **norm), rank, world, False, cfg.seed)
     optimizer = make_optimizer(model, cfg)
+    # Not given to accelerator.prepare, which would step it once per process: every process steps
+    # it itself, on the same all-reduced validation loss, so the learning rates never drift apart.
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.factor,
                                                            patience=cfg.patience)
-    autocast, scaler = _autocast(device, cfg.precision)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
     history, best, first_epoch = [], math.inf, 1
-    if resume and (out_dir / "last" / "training_state.pt").exists():
-        history, best = _restore_training(out_dir / "last", model, optimizer, scheduler, scaler)
+    if resume and (out_dir / "last" / "training_state.pt").exists():  # every process reads the same state
+        history, best = _restore_training(out_dir / "last", model, optimizer, scheduler, accelerator.scaler)
         first_epoch = len(history) + 1
-        print(f"resuming after epoch {len(history)} from {out_dir / 'last'}")
+        accelerator.print(f"resuming after epoch {len(history)} from {out_dir / 'last'}")
+    trained, optimizer = accelerator.prepare(model, optimizer)  # DDP-wrapped with several processes
+    quiet = {} if accelerator.is_local_main_process else dict(disable=True)  # one progress bar per machine
     start = time.time()
     for epoch in range(first_epoch, cfg.epochs + 1):
         epoch_start = time.time()
         if cfg.hard_negatives > 1 and epoch > 1:  # mine look-alikes with the weights the last epoch left
             pairs = train_loader.dataset
             image_embeds = encode_images(model, list(pairs.images), cfg)  # (I, D), indexed by pairs.image_ids
+            if world > 1:  # every process must cut the same batches: take the main process's embeddings
+                from accelerate.utils import broadcast
+
+                image_embeds = broadcast(image_embeds.to(device)).cpu()
             batches = similar_batches(image_embeds, pairs.image_ids, cfg.batch_size, cfg.hard_negatives,
                                       cfg.seed + epoch)
             train_loader = make_loader(train_df, tokenizer, cfg, train=True, batches=batches, **norm)
-        torch.manual_seed(cfg.seed + epoch)  # dropout
+        own_seed = cfg.seed + epoch + 7919 * rank  # process 0 seeds as a single process does
+        torch.manual_seed(own_seed)  # dropout
         train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling (random batches) and worker seeds
-        train_loader.dataset.transform.set_random_seed(cfg.seed + epoch)  # augmentation
-        model.train()
+        train_loader.dataset.transform.set_random_seed(own_seed)  # augmentation
+        epoch_loader = _share(train_loader, rank, world, True, own_seed)
+        trained.train()
         running, seen = 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False)
+        bar = tqdm(epoch_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, **quiet)
         for step, batch in enumerate(bar):
             if not batch:
                 continue
             batch = _to(batch, device)
             try:
-                loss = train_step(model, batch, optimizer, cfg, autocast, scaler)
+                loss = train_step(trained, batch, optimizer, cfg, accelerator)
             except FloatingPointError as error:
                 kept = (f"the last good weights are in {out_dir / 'best'} and {out_dir / 'last'}" if history
                         else "no checkpoint was written yet")
@@ -220,12 +306,12 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
                 raise torch.OutOfMemoryError(f"out of memory at epoch {epoch}, batch {step} with batch_size="
                                              f"{cfg.batch_size}: try Config(batch_size={max(2, cfg.batch_size // 2)}) "
                                              f"or a smaller image_size. ({error})") from None
-            n = len(batch["input_ids"])
+            n = len(batch["input_ids"]) * world
             running, seen = running + loss * n, seen + n
             bar.set_postfix(loss=f"{running / seen:.3f}")
-            if cfg.max_minutes and time.time() - start > cfg.max_minutes * 60:
+            if cfg.max_minutes and _any_process(accelerator, time.time() - start > cfg.max_minutes * 60):
                 break
-        val_loss = _mean_loss(model, val_loader, cfg, device, autocast)
+        val_loss = _mean_loss(trained, val_loader, cfg, accelerator)
         scheduler.step(val_loss)
         row = dict(epoch=epoch, train_loss=running / max(seen, 1), val_loss=val_loss,
                    **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
@@ -233,16 +319,20 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
         if device.type == "cuda":
             row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
         history.append(row)
-        print(f"epoch {epoch}: train {row['train_loss']:.4f}  val {val_loss:.4f}  "
-              f"({row['seconds']:.0f}s)" + ("  best" if val_loss < best else ""))
-        if val_loss < best:
-            best = val_loss
-            save_checkpoint(out_dir / "best", model, tokenizer, cfg)
-        _save_training(out_dir / "last", model, tokenizer, cfg, optimizer, scheduler, scaler, history, best)
-        pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
-        if cfg.max_minutes and time.time() - start > cfg.max_minutes * 60:
-            print(f"stopping: the {cfg.max_minutes}-minute budget (cfg.max_minutes) is spent")
+        accelerator.print(f"epoch {epoch}: train {row['train_loss']:.4f}  val {val_loss:.4f}  "
+                          f"({row['seconds']:.0f}s)" + ("  best" if val_loss < best else ""))
+        if accelerator.is_main_process:  # the others hold the same weights
+            if val_loss < best:
+                save_checkpoint(out_dir / "best", model, tokenizer, cfg)
+            _save_training(out_dir / "last", model, tokenizer, cfg, optimizer, scheduler, accelerator.scaler,
+                           history, min(best, val_loss))
+            pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
+        best = min(best, val_loss)
+        accelerator.wait_for_everyone()  # nobody reads or resumes a half-written checkpoint
+        if cfg.max_minutes and _any_process(accelerator, time.time() - start > cfg.max_minutes * 60):
+            accelerator.print(f"stopping: the {cfg.max_minutes}-minute budget (cfg.max_minutes) is spent")
             break
+    accelerator.unwrap_model(trained, keep_fp32_wrapper=False)  # gives `model` back its own forward
     if math.isfinite(best):
         _load_weights(model, out_dir / "best" / "model.safetensors")
     return pd.DataFrame(history)
@@ -276,3 +366,45 @@ def _restore_training(path, model, optimizer, scheduler, scaler) -> tuple[list, 
     if scaler and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     return state["history"], state["best"]
+
+
+def main(argv=None) -> None:
+    """Command line for fit: `python -m clip_utils.train --mode quick`, the same under `accelerate launch`."""
+    import argparse
+
+    from .datasets import prepare_data
+    from .evaluate import retrieval_metrics
+    from .model import build_model
+
+    parser = argparse.ArgumentParser(prog="python -m clip_utils.train", description=main.__doc__)
+    parser.add_argument("--mode", choices=["quick", "full"], default=None, help="default: CLIP_HINDI_MODE, else "
+                        "full on a GPU and quick on a CPU")
+    parser.add_argument("--data-dir", default=None, help="where prepare_data writes (default data/<mode>)")
+    parser.add_argument("--captions", default=None, help="full mode: the Hindi caption file for Flickr8k")
+    parser.add_argument("--train-csv", default=None, help="your own table (columns image, caption) instead")
+    parser.add_argument("--val-csv", default=None, help="its validation table (needed with --train-csv)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/last")
+    for name, kind in [("out_dir", str), ("image_dir", str), ("epochs", int), ("batch_size", int),
+                       ("gradient_accumulation_steps", int), ("precision", str), ("max_minutes", float),
+                       ("seed", int), ("num_workers", int)]:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=f"Config.{name}")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None}
+    cfg = Config.from_env(**overrides) if args.mode is None else getattr(Config, args.mode)(**overrides)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    with state.main_process_first():  # the main process downloads or draws the data; the others find it cached
+        if args.train_csv:
+            train_df, val_df, test_df = pd.read_csv(args.train_csv), pd.read_csv(args.val_csv), None
+        else:
+            train_df, val_df, test_df = prepare_data(cfg, args.data_dir or f"data/{cfg.mode}", args.captions)
+    state.print(f"{cfg.mode} mode, {state.num_processes} process(es) on {state.device}, global batch {cfg.batch_size}")
+    model, tokenizer = build_model(cfg, captions=train_df["caption"])
+    fit(model, tokenizer, train_df, val_df, cfg, resume=args.resume)
+    if state.is_main_process and test_df is not None:
+        print({k: round(v, 4) for k, v in retrieval_metrics(model, tokenizer, test_df, cfg).items()})
+
+
+if __name__ == "__main__":
+    main()
