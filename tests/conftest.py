@@ -35,3 +35,14 @@ def tiny_cfg(tmp_path_factory):
 def tiny_model(synthetic, tiny_cfg):
     _, train, _, _ = synthetic
     return cu.build_model(tiny_cfg, captions=train["caption"])
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache that huggingface_hub and transformers read (offline) for this test only."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at call time
+    return cache

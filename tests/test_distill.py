@@ -4,32 +4,13 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_clip import save_tiny_clip  # tests/ is on sys.path
+from rehearsal import hub_repo  # tests/ is on sys.path
+from tiny_clip import save_tiny_clip
 
 import clip_utils as cu
 from clip_utils.distill import _mean_distill_loss
 
 TEACHER_NAME = "openai/clip-vit-base-patch32"
-
-
-def save_in_hub_cache(save, cache_dir, repo_id: str):
-    """Run save(folder) in cache_dir's Hugging Face layout for repo_id: from_pretrained(repo_id) finds it offline."""
-    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return save(repo / "snapshots" / commit)
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache for this test only (transformers reads the constant at call time)."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def _state(module):
@@ -110,7 +91,7 @@ def test_full_mode_path_through_a_tiny_clip_saved_under_the_real_name(synthetic,
     from transformers import CLIPModel as HFCLIPModel
 
     _, train, val, test = synthetic
-    reference, reference_tokenizer = save_in_hub_cache(save_tiny_clip, hub_cache, TEACHER_NAME)
+    reference, reference_tokenizer = save_tiny_clip(hub_repo(hub_cache, TEACHER_NAME))
     assert HFCLIPModel.from_pretrained(TEACHER_NAME) is not None  # offline, from the cache: the real call
     teacher, teacher_tokenizer, teacher_cfg = cu.clip_from_transformers(TEACHER_NAME, tiny_cfg)
     assert (teacher_cfg.image_size, teacher_cfg.projection_dim, teacher_cfg.heads) == (32, 16, "linear")

@@ -18,17 +18,6 @@ import clip_utils as cu
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache that huggingface_hub reads (offline) for this test."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
 def test_published_heads_with_residual_by_default_and_without_on_request(tmp_path, tiny_model, tiny_cfg):
     model, _ = tiny_model
     torch.save({k: v for k, v in model.state_dict().items() if k != "logit_scale"}, tmp_path / "model.pt")
