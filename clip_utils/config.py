@@ -37,7 +37,7 @@ class Config:
     pooling: str = "cls"  # "cls" token, "mean" over non-padding tokens, or "pooler" (the model's own: CLIP's end token)
     projection_dim: int = 256  # shared embedding size of both towers
     dropout: float = 0.1  # dropout inside the projection heads
-    residual_heads: bool = True  # the published checkpoint's heads have no residual connection
+    residual_heads: bool = True  # Simple-CLIP heads: x + projected before the LayerNorm (the published ones too)
     heads: str = "mlp"  # "mlp": ProjectionHead per tower; "linear": bias-free linear maps, as OpenAI CLIP's own
     init_logit_scale: float = math.log(1 / 0.07)  # learnable temperature starts at 1/0.07, as in CLIP
     max_logit_scale: float = math.log(100)  # clamp so the temperature cannot run away
@@ -138,7 +138,7 @@ _CHOICES = {
     "freeze": ("none", "image", "text"),
     "precision": ("auto", "bf16", "fp32"),
 }
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_DEVICE = re.compile(r"auto|cpu|cuda")  # fit runs on Accelerate: one GPU per process, chosen by CUDA_VISIBLE_DEVICES
 
 
 def _integer(value) -> bool:
@@ -185,7 +185,7 @@ def _config_problems(cfg: Config) -> list[str]:
     problems = [f"{name}={getattr(cfg, name)!r}: use " + " or ".join(map(repr, allowed))
                 for name, allowed in _CHOICES.items() if getattr(cfg, name) not in allowed]
     if not (isinstance(cfg.device, str) and _DEVICE.fullmatch(cfg.device)):
-        problems.append(f"device={cfg.device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        problems.append(f"device={cfg.device!r}: use 'auto', 'cpu' or 'cuda' (to pick a GPU, set CUDA_VISIBLE_DEVICES)")
     problems += [f"{name}={getattr(cfg, name)!r}: use {allowed}" for name, test, allowed in _RANGES
                  if not test(getattr(cfg, name))]
     if not (_number(cfg.init_logit_scale) and 0 <= cfg.init_logit_scale <= (

@@ -105,7 +105,6 @@ def _encode_batch(model, tokenizer, captions, cfg, device):
     return model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float()  # (B, D)
 
 
-@torch.no_grad()
 def _autocast(device: torch.device, cfg: Config):
     """(autocast context, grad scaler or None) for this plain loop, with the precision fit picks for cfg."""
     precision = _mixed_precision(cfg)  # "bf16", "fp16" (GPUs without native bf16) or "no"
@@ -115,6 +114,7 @@ def _autocast(device: torch.device, cfg: Config):
     return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
+@torch.no_grad()
 def _mean_distill_loss(model, tokenizer, captions, targets, cfg, device, autocast) -> float:
     model.eval()
     total = 0.0

@@ -89,8 +89,8 @@ def _load_translator(model_name: str, src_lang: str, device: str, dtype):
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dtype == "auto":  # T4s and older GPUs have no bf16; half precision on a CPU is slow
-        dtype = ((torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda"
-                 else torch.float32)
+        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype = torch.bfloat16 if native_bf16 else torch.float16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_name, src_lang=src_lang)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_name, dtype=dtype).to(device).eval()
     return tokenizer, model, device
