@@ -1,7 +1,8 @@
 """clip_utils: a Hindi CLIP, from data to zero-shot, in small rooms read in teaching order.
 
 config -> text -> synthetic (quick-mode scenes) -> translate (English->Hindi captions) ->
-downloads -> datasets (Flickr8k, XM3600) -> data (tables, loader) -> model -> losses -> train ->
+downloads -> datasets (Flickr8k, XM3600) -> coco35l (COCO-35L) -> data (tables, loader, decode-once cache) ->
+shards (streaming) -> model -> losses -> train ->
 index (search at scale) -> evaluate -> plots -> checkpoints -> distill (from an English CLIP; LiT).
 The notebooks import everything from here (`import clip_utils as cu`); nothing is copied into them.
 
@@ -18,8 +19,9 @@ from .checkpoints import (
     push_to_hub,
     save_checkpoint,
 )
+from .coco35l import COCO35L_LANGUAGES, COCO35L_URLS, download_coco35l, load_coco35l, prepare_coco35l
 from .config import Config
-from .data import clean_table, image_transforms, load_image, make_loader, split_by_image
+from .data import cache_images, clean_table, image_transforms, load_image, make_loader, split_by_image
 from .datasets import (
     CATS_VS_DOGS,
     CATS_VS_DOGS_HINDI,
@@ -55,6 +57,7 @@ from .index import EXACT_UP_TO, build_index, index_kind, index_recall, load_inde
 from .losses import clip_loss, soft_target_loss
 from .model import CLIPModel, ImageEncoder, ProjectionHead, TextEncoder, build_model, build_text_tower
 from .plots import plot_history, show_retrieval, show_zero_shot, use_devanagari_font
+from .shards import read_index, stream_loader, write_shards
 from .synthetic import HELD_OUT_PAIRS, make_synthetic_dataset, prepare_quick_data, synthetic_classes
 from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
 from .train import fit, make_optimizer, similar_batches, train_step
@@ -73,9 +76,11 @@ __all__ = [
     "FLICKR8K_URLS", "XM3600_URLS", "PUBLISHED_XM3600_HINDI", "download", "extract_archive",
     "read_captions", "load_flickr8k", "download_flickr8k", "prepare_full_data", "prepare_data",
     "load_xm3600", "download_xm3600", "hub_file", "flickr8k_machine_captions",
+    "COCO35L_URLS", "COCO35L_LANGUAGES", "load_coco35l", "download_coco35l", "prepare_coco35l",
     "CATS_VS_DOGS", "CATS_VS_DOGS_HINDI", "labelled_folder", "download_cats_vs_dogs", "split_labelled",
     "DEFAULT_TRANSLATOR", "read_english_captions", "translate_captions", "read_translations", "translation_quality",
-    "split_by_image", "clean_table", "load_image", "image_transforms", "make_loader",
+    "split_by_image", "clean_table", "load_image", "image_transforms", "make_loader", "cache_images",
+    "write_shards", "read_index", "stream_loader",
     "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model", "build_text_tower",
     "clip_loss", "soft_target_loss",
     "make_optimizer", "train_step", "similar_batches", "fit",

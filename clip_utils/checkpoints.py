@@ -66,6 +66,38 @@ def save_checkpoint(path, model: CLIPModel, tokenizer, cfg: Config, extra: dict 
 PUBLISHED_REPO = "damerajee/clip-hindi"  # the published checkpoint on the Hugging Face Hub (model.pt)
 
 
+
+def save_training_state(path, model, tokenizer, cfg, optimizer, scheduler, scaler, history, best) -> None:
+    """Write the "last" checkpoint: weights, tokenizer and config, plus everything fit needs to go on.
+
+    Args:
+        path: the checkpoint folder (fit's out_dir/"last").
+        model, tokenizer, cfg: as for save_checkpoint.
+        optimizer, scheduler, scaler: their state dicts are saved (scaler may be None).
+        history, best: the epochs so far and the lowest validation loss.
+    """
+    save_checkpoint(path, model, tokenizer, cfg,
+                    extra={"training_state.pt": dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                                     scaler=scaler.state_dict() if scaler else None,
+                                                     history=history, best=best)})
+
+
+def restore_training_state(path, model, optimizer, scheduler, scaler) -> tuple[list, float]:
+    """Load a "last" checkpoint into model, optimizer, scheduler and scaler; returns (history, best val loss).
+
+    Args:
+        path: the folder save_training_state wrote.
+        model, optimizer, scheduler, scaler: receive their saved states (scaler may be None).
+    """
+    _load_weights(model, path / "model.safetensors")
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    return state["history"], state["best"]
+
+
 def _hub_folder(repo_id: str, repo_type: str = "model", allow_patterns=None) -> Path:
     """A Hub repository as a local folder (downloaded once into the Hugging Face cache; offline: from the cache)."""
     from huggingface_hub import snapshot_download

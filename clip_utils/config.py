@@ -25,6 +25,7 @@ class Config:
     translator: str = "facebook/nllb-200-distilled-600M"  # English->Hindi model when no Hindi caption file is given
     on_bad_input: str = "skip"  # "skip": drop bad rows/images with a counted warning; "raise": stop
     num_workers: int = 2  # DataLoader worker processes on a GPU; on a CPU the model's threads use every core
+    image_cache: str = ""  # a folder: decode each training image once at image_size (see cache_images); "": every epoch
     # -- model --
     image_model: str = "resnet50"  # a timm name, or a transformers CLIP name/folder (has a "/"): its vision tower
     image_pretrained: bool = True  # load timm's ImageNet weights
@@ -137,6 +138,8 @@ _CHOICES = {
     "loss": ("clip", "soft_target"),
     "freeze": ("none", "image", "text"),
     "precision": ("auto", "bf16", "fp32"),
+    "heads": ("mlp", "linear"),
+    "eval_resize": ("crop", "square"),
 }
 _DEVICE = re.compile(r"auto|cpu|cuda")  # fit runs on Accelerate: one GPU per process, chosen by CUDA_VISIBLE_DEVICES
 
@@ -157,6 +160,8 @@ _RANGES = [
     ("image_pretrained", lambda v: isinstance(v, bool), "True or False"),
     ("text_pretrained", lambda v: isinstance(v, bool), "True or False"),
     ("residual_heads", lambda v: isinstance(v, bool), "True or False"),
+    ("translator", lambda v: isinstance(v, str) and v.strip() != "", "a Hugging Face model name or folder"),
+    ("image_cache", lambda v: isinstance(v, str), "a folder path, or '' for no cache"),
     ("image_model", lambda v: isinstance(v, str) and v.strip() != "", "a timm model name"),
     ("text_model", lambda v: isinstance(v, str) and v.strip() != "", "a Hugging Face model name or folder"),
     ("image_model_kwargs", lambda v: isinstance(v, dict), "a dict of timm.create_model arguments"),
@@ -167,6 +172,7 @@ _RANGES = [
     ("max_logit_scale", lambda v: _number(v) and v > 0, "a number > 0 (log of the largest logit scale)"),
     ("batch_size", lambda v: _integer(v) and v >= 2,
      "an integer >= 2 (a contrastive loss needs at least one negative in each batch)"),
+    ("gradient_accumulation_steps", lambda v: _integer(v) and v >= 1, "an integer >= 1 (batches per update)"),
     ("hard_negatives", lambda v: _integer(v) and (v == 0 or v >= 2), "0 (random batches) or a group size >= 2"),
     ("epochs", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("head_lr", lambda v: _number(v) and v > 0, "a learning rate > 0"),

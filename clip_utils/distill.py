@@ -148,7 +148,10 @@ def distill_text_tower(model: CLIPModel, tokenizer, teacher: CLIPModel, teacher_
     device = _device(cfg)
     train_pairs, val_pairs = _clean_pairs(train_pairs, "train_pairs", cfg), _clean_pairs(val_pairs, "val_pairs", cfg)
     teacher.to(device)
-    targets = {split: encode_texts(teacher, teacher_tokenizer, list(pairs["english"]), cfg)  # (N, D), unit length
+    # The teacher reads at most its own context (CLIP: 77 tokens), whatever the student's max_length.
+    context = getattr(teacher.text_encoder.model.config, "max_position_embeddings", cfg.max_length)
+    teacher_cfg = dataclasses.replace(cfg, max_length=min(cfg.max_length, context))
+    targets = {split: encode_texts(teacher, teacher_tokenizer, list(pairs["english"]), teacher_cfg)  # (N, D), unit
                for split, pairs in (("train", train_pairs), ("val", val_pairs))}
     captions = {"train": list(train_pairs["caption"]), "val": list(val_pairs["caption"])}
     model.to(device)

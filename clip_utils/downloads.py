@@ -89,20 +89,30 @@ def extract_archive(archive, dest) -> Path:
     return dest
 
 
+def _mirrored(url: str) -> str:
+    """`url`, or the file:// address of the file of the same name in CLIP_HINDI_MIRROR when that is set.
+
+    A mirror folder serves a machine without internet, or a copy downloaded once for a class.
+    """
+    mirror = os.environ.get("CLIP_HINDI_MIRROR", "").strip()
+    if not mirror:
+        return url
+    local = Path(mirror) / Path(url).name
+    if not local.exists():
+        raise FileNotFoundError(f"CLIP_HINDI_MIRROR={mirror} has no {local.name} (the file behind {url})")
+    return local.resolve().as_uri()
+
+
 def _fetch(url: str, folder) -> Path:
     """Download and unpack once; a marker file records that unpacking finished.
 
     With CLIP_HINDI_MIRROR set to a folder, the archive is read from the file of the same name there
-    instead (a machine without internet, or a copy downloaded once for a class), through the same code.
+    instead (see _mirrored), through the same code.
     """
     folder = Path(folder)
     marker = folder / f".{Path(url).name}.done"
     if not marker.exists():
-        mirror = os.environ.get("CLIP_HINDI_MIRROR", "").strip()
-        if mirror:
-            if not (Path(mirror) / Path(url).name).exists():
-                raise FileNotFoundError(f"CLIP_HINDI_MIRROR={mirror} has no {Path(url).name} (the file behind {url})")
-            url = (Path(mirror) / Path(url).name).resolve().as_uri()
+        url = _mirrored(url)
         extract_archive(download(url, folder / "downloads" / Path(url).name), folder)
         marker.touch()
     return folder

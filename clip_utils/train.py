@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -13,12 +14,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import _load_weights, save_checkpoint
+from .checkpoints import _load_weights, restore_training_state, save_checkpoint, save_training_state
 from .config import Config, _seed_everything
 from .data import clean_table, make_loader
 from .evaluate import encode_images
 from .losses import clip_loss, soft_target_loss
 from .model import CLIPModel
+from .shards import read_index, stream_loader, write_shards
 
 
 def _batch_loss(model, batch: dict, cfg: Config):
@@ -213,7 +215,7 @@ def _any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max"))
 
 
-def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFrame, cfg: Config,
+def fit(model: CLIPModel, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config,
         resume: bool = False) -> pd.DataFrame:
     """Train with AdamW + ReduceLROnPlateau on val loss; keep the best checkpoint; return the history.
 
@@ -230,9 +232,13 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
     embeddings of all processes. Batch-norm statistics stay per process, as in plain DDP. Only the
     main process writes to cfg.out_dir; with several machines it must be a shared folder.
 
+    train_df may also be a folder of webdataset shards (write_shards), streamed by stream_loader:
+    data larger than memory, read once per epoch. With cfg.gradient_accumulation_steps = k, each
+    epoch uses a multiple of k batches (the rest is dropped), so no update mixes two epochs.
+
     Args:
         model, tokenizer: from build_model (the same seed on every process).
-        train_df, val_df: caption tables (checked with clean_table here).
+        train_df, val_df: caption tables (checked with clean_table here); train_df or a shard folder.
         cfg: the run's Config.
         resume: continue from cfg.out_dir/"last" if it exists (a Colab session died mid-run).
     """
@@ -248,13 +254,21 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
     device = accelerator.device
     model.to(device)
     model.image_encoder.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and on CPUs
-    train_df, val_df = clean_table(train_df, cfg, name="train"), clean_table(val_df, cfg, name="val")
+    streaming = isinstance(train_df, (str, os.PathLike))
+    if streaming and cfg.hard_negatives > 1:
+        raise ValueError("cfg.hard_negatives needs a table it can regroup every epoch; a shard folder streams in "
+                         "its own order: pass the table instead, or set hard_negatives=0")
+    if not streaming:
+        train_df = clean_table(train_df, cfg, name="train")
+    val_df = clean_table(val_df, cfg, name="val")
     _check_training_tables(train_df, val_df, cfg)
     if len(val_df) < world:
         raise ValueError(f"val_df has {len(val_df)} rows, fewer than the {world} processes: give it more rows")
     norm = dict(mean=model.image_encoder.mean, std=model.image_encoder.std, crop_pct=model.image_encoder.crop_pct,
                 interpolation=model.image_encoder.interpolation)
-    train_loader = make_loader(train_df, tokenizer, cfg, train=True, **norm)
+    if not streaming:
+        with accelerator.local_main_process_first():  # one process per machine fills cfg.image_cache
+            train_loader = make_loader(train_df, tokenizer, cfg, train=True, **norm)
     val_loader = _share(make_loader(val_df, tokenizer, cfg, train=False, **norm), rank, world, False, cfg.seed)
     optimizer = make_optimizer(model, cfg)
     # Not given to accelerator.prepare, which would step it once per process: every process steps
@@ -266,9 +280,11 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
         out_dir.mkdir(parents=True, exist_ok=True)
     history, best, first_epoch = [], math.inf, 1
     if resume and (out_dir / "last" / "training_state.pt").exists():  # every process reads the same state
-        history, best = _restore_training(out_dir / "last", model, optimizer, scheduler, accelerator.scaler)
+        history, best = restore_training_state(out_dir / "last", model, optimizer, scheduler, accelerator.scaler)
         first_epoch = len(history) + 1
         accelerator.print(f"resuming after epoch {len(history)} from {out_dir / 'last'}")
+    if cfg.loss == "soft_target":  # its targets come from the embeddings: no temperature (DDP wants every
+        model.logit_scale.requires_grad_(False)  # parameter it trains to get a gradient)
     trained, optimizer = accelerator.prepare(model, optimizer)  # DDP-wrapped with several processes
     quiet = {} if accelerator.is_local_main_process else dict(disable=True)  # one progress bar per machine
     start = time.time()
@@ -286,13 +302,24 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
             train_loader = make_loader(train_df, tokenizer, cfg, train=True, batches=batches, **norm)
         own_seed = cfg.seed + epoch + 7919 * rank  # process 0 seeds as a single process does
         torch.manual_seed(own_seed)  # dropout
-        train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling (random batches) and worker seeds
-        train_loader.dataset.transform.set_random_seed(own_seed)  # augmentation
-        epoch_loader = _share(train_loader, rank, world, True, own_seed)
+        if streaming:
+            epoch_loader = stream_loader(train_df, tokenizer, cfg, rank, world, epoch, norm["mean"], norm["std"])
+        else:
+            train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling (random batches) and worker seeds
+            train_loader.dataset.transform.set_random_seed(own_seed)  # augmentation
+            epoch_loader = _share(train_loader, rank, world, True, own_seed)
+        k = cfg.gradient_accumulation_steps
+        usable = len(epoch_loader) // k * k  # whole groups of k batches: an update never spans two epochs
+        if usable == 0:
+            raise ValueError(f"an epoch has {len(epoch_loader)} batches, fewer than gradient_accumulation_steps={k}: "
+                             "lower it or batch_size")
+        accelerator.step = 0  # Accelerate's count of batches towards the next update (a resumed run starts at 0 too)
         trained.train()
         running, seen = 0.0, 0
         bar = tqdm(epoch_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, **quiet)
         for step, batch in enumerate(bar):
+            if step == usable:
+                break
             if not batch:
                 continue
             batch = _to(batch, device)
@@ -324,7 +351,7 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
         if accelerator.is_main_process:  # the others hold the same weights
             if val_loss < best:
                 save_checkpoint(out_dir / "best", model, tokenizer, cfg)
-            _save_training(out_dir / "last", model, tokenizer, cfg, optimizer, scheduler, accelerator.scaler,
+            save_training_state(out_dir / "last", model, tokenizer, cfg, optimizer, scheduler, accelerator.scaler,
                            history, min(best, val_loss))
             pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
         best = min(best, val_loss)
@@ -338,34 +365,18 @@ def fit(model: CLIPModel, tokenizer, train_df: pd.DataFrame, val_df: pd.DataFram
     return pd.DataFrame(history)
 
 
-def _check_training_tables(train_df: pd.DataFrame, val_df: pd.DataFrame, cfg: Config) -> None:
+def _check_training_tables(train_df, val_df: pd.DataFrame, cfg: Config) -> None:
     """Stop a run that could learn nothing; warn when the training table is smaller than one batch."""
     for name, table in (("train", train_df), ("val", val_df)):
-        if table["image"].nunique() < 2:  # one image: every caption is a positive, there is nothing to contrast
-            raise ValueError(f"the {name} table has {len(table)} usable rows of only {table['image'].nunique()} "
+        index = read_index(table) if isinstance(table, (str, os.PathLike)) else None  # a shard folder
+        rows, images = (index["rows"], index["images"]) if index else (len(table), table["image"].nunique())
+        if images < 2:  # one image: every caption is a positive, there is nothing to contrast
+            raise ValueError(f"the {name} table has {rows} usable rows of only {images} "
                              "image; contrastive training needs captions of at least 2 different images")
-    if len(train_df) < cfg.batch_size:
+    if not isinstance(train_df, (str, os.PathLike)) and len(train_df) < cfg.batch_size:
         warnings.warn(f"the train table has {len(train_df)} usable rows, fewer than one batch (batch_size="
                       f"{cfg.batch_size}): each epoch is a single step with {len(train_df)} pairs; add rows "
                       f"or lower batch_size", stacklevel=3)
-
-
-def _save_training(path, model, tokenizer, cfg, optimizer, scheduler, scaler, history, best) -> None:
-    """The "last" checkpoint: weights, tokenizer and config, plus everything fit needs to go on."""
-    save_checkpoint(path, model, tokenizer, cfg,
-                    extra={"training_state.pt": dict(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                                     scaler=scaler.state_dict() if scaler else None,
-                                                     history=history, best=best)})
-
-
-def _restore_training(path, model, optimizer, scheduler, scaler) -> tuple[list, float]:
-    _load_weights(model, path / "model.safetensors")
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    return state["history"], state["best"]
 
 
 def main(argv=None) -> None:
@@ -381,27 +392,40 @@ def main(argv=None) -> None:
                         "full on a GPU and quick on a CPU")
     parser.add_argument("--data-dir", default=None, help="where prepare_data writes (default data/<mode>)")
     parser.add_argument("--captions", default=None, help="full mode: the Hindi caption file for Flickr8k")
+    parser.add_argument("--data", choices=["flickr8k", "coco35l"], default="flickr8k", help="full mode's photos: "
+                        "Flickr8k, or COCO-35L (113k COCO photos, machine-translated captions; 20 GB download)")
+    parser.add_argument("--language", default="hi", help="COCO-35L's caption language")
+    parser.add_argument("--shards", default=None, help="write the training table as webdataset shards in this "
+                        "folder once, then stream them")
     parser.add_argument("--train-csv", default=None, help="your own table (columns image, caption) instead")
     parser.add_argument("--val-csv", default=None, help="its validation table (needed with --train-csv)")
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/last")
     for name, kind in [("out_dir", str), ("image_dir", str), ("epochs", int), ("batch_size", int),
                        ("gradient_accumulation_steps", int), ("precision", str), ("max_minutes", float),
-                       ("seed", int), ("num_workers", int)]:
+                       ("seed", int), ("num_workers", int), ("image_cache", str), ("device", str)]:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=f"Config.{name}")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None}
     cfg = Config.from_env(**overrides) if args.mode is None else getattr(Config, args.mode)(**overrides)
+    if args.data == "coco35l" and cfg.mode != "full":
+        parser.error("--data coco35l is full mode's: add --mode full (quick mode draws synthetic scenes)")
     from accelerate import PartialState
 
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     with state.main_process_first():  # the main process downloads or draws the data; the others find it cached
         if args.train_csv:
             train_df, val_df, test_df = pd.read_csv(args.train_csv), pd.read_csv(args.val_csv), None
+        elif args.data == "coco35l" and cfg.mode == "full":
+            from .coco35l import prepare_coco35l
+
+            train_df, val_df, test_df = prepare_coco35l(args.data_dir or "data/coco35l", args.language)
         else:
             train_df, val_df, test_df = prepare_data(cfg, args.data_dir or f"data/{cfg.mode}", args.captions)
+        if args.shards and state.is_main_process and not Path(args.shards, "index.json").exists():
+            write_shards(train_df, args.shards, cfg)
     state.print(f"{cfg.mode} mode, {state.num_processes} process(es) on {state.device}, global batch {cfg.batch_size}")
     model, tokenizer = build_model(cfg, captions=train_df["caption"])
-    fit(model, tokenizer, train_df, val_df, cfg, resume=args.resume)
+    fit(model, tokenizer, args.shards or train_df, val_df, cfg, resume=args.resume)
     if state.is_main_process and test_df is not None:
         print({k: round(v, 4) for k, v in retrieval_metrics(model, tokenizer, test_df, cfg).items()})
 

@@ -111,8 +111,12 @@ def test_full_mode_path_through_a_tiny_clip_saved_under_the_real_name(synthetic,
     assert torch.allclose(cu.encode_images(teacher, images, teacher_cfg), expected, atol=1e-5)
 
     before = _state(teacher)
-    student, tokenizer, cfg = cu.student_clip(teacher, teacher_cfg, _student_cfg(tiny_cfg, tmp_path, epochs=2),
-                                              captions=train["caption"])
+    # A student that reads 100 tokens, and an English caption longer than the teacher's 77: the teacher truncates.
+    long_context = dict(tiny_cfg.text_config, max_position_embeddings=128)
+    student, tokenizer, cfg = cu.student_clip(teacher, teacher_cfg, _student_cfg(
+        tiny_cfg, tmp_path, epochs=2, max_length=100, text_config=long_context), captions=train["caption"])
+    train = train.assign(english=[" ".join([e] * 12) if i == 0 else e for i, e in enumerate(train["english"])])
+    assert len(teacher_tokenizer(train["english"].iloc[0])["input_ids"]) > 100
     history = cu.distill_text_tower(student, tokenizer, teacher, teacher_tokenizer, train, val, cfg)
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert _same(before, _state(teacher))

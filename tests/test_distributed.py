@@ -211,6 +211,37 @@ def test_two_processes_resume_to_the_uninterrupted_run(synthetic, tiny_cfg, tmp_
     assert list(saved["epoch"]) == [1, 2]  # written once per epoch, by the main process
 
 
+# -- streaming shards with two processes ----------------------------------------
+
+def _stream_worker(rank, world, folder, train, val, cfg, out):
+    """fit from a shard folder whose shards split unevenly over the ranks; count each rank's steps."""
+    steps = []
+    real_step = cu.train.train_step
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return real_step(*args, **kwargs)
+
+    cu.train.train_step = counted
+    model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+    history = cu.fit(model, tokenizer, folder, val, cfg)
+    torch.save(dict(steps=len(steps), history=history.to_dict("list"), params=model.state_dict()),
+               Path(out) / f"stream{rank}.pt")
+
+
+def test_two_processes_stream_shards_in_step(synthetic, tiny_cfg, tmp_path):
+    """3 shards of 30, 30 and 4 rows: one rank reads two of them, the other one, yet both take 8 steps an epoch."""
+    _, train, val, _ = synthetic
+    cfg = dataclasses.replace(tiny_cfg, epochs=2, out_dir=str(tmp_path / "run"))
+    folder = cu.write_shards(train.head(64), tmp_path / "shards", cfg, rows_per_shard=30)
+    _launch(_stream_worker, str(folder), train.head(64), val.head(21), cfg, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"stream{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert [rank["steps"] for rank in ranks] == [2 * (64 // cfg.batch_size)] * WORLD
+    pd.testing.assert_frame_equal(*(pd.DataFrame(rank["history"]).drop(columns="seconds") for rank in ranks))
+    for name, value in ranks[0]["params"].items():
+        torch.testing.assert_close(ranks[1]["params"][name], value)  # DDP kept the ranks in step
+
+
 # -- a hanging rank -----------------------------------------------------------
 
 def _hanging_worker(rank, world):
@@ -224,3 +255,23 @@ def test_a_hanging_rank_fails_in_seconds():
     with pytest.raises(Exception, match="(?i)timed? ?out|timeout"):
         _launch(_hanging_worker)
     assert time.time() - start < COLLECTIVE_TIMEOUT_S + 60
+
+
+def test_the_readme_notebook_command_trains_on_two_processes(synthetic, tmp_path):
+    """README's 2-GPU notebook line, on 2 CPU processes: notebook_launcher forks the command line's main."""
+    import subprocess
+    import sys
+
+    _, train, val, _ = synthetic
+    train.head(48).to_csv(tmp_path / "train.csv", index=False)
+    val.head(16).to_csv(tmp_path / "val.csv", index=False)
+    argv = ["--mode", "quick", "--epochs", "1", "--batch-size", "16", "--train-csv", str(tmp_path / "train.csv"),
+            "--val-csv", str(tmp_path / "val.csv"), "--out-dir", str(tmp_path / "run")]
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import clip_utils as cu; "
+              "from accelerate import notebook_launcher; "
+              "notebook_launcher(cu.train.main, args=(sys.argv[2:],), num_processes=2)")
+    done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).resolve().parents[1]), *argv],
+                          capture_output=True, text=True, timeout=LAUNCH_DEADLINE_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    assert len(pd.read_csv(tmp_path / "run" / "history.csv")) == 1

@@ -45,11 +45,19 @@ def test_quick_mode_learns_far_above_chance(tmp_path):
     assert metrics["t2i_R@5"] > 4 * chance_at_5, metrics
 
 
-@pytest.mark.parametrize("hard_negatives", [0, 4])
-def test_resume_after_a_kill_repeats_the_uninterrupted_run(synthetic, tiny_cfg, tmp_path, monkeypatch, hard_negatives):
-    """Colab dies in epoch 3 of 3: fit(resume=True) continues from "last" to the same history."""
+@pytest.mark.parametrize("hard_negatives, accumulate", [(0, 1), (4, 1), (0, 3)])
+def test_resume_after_a_kill_repeats_the_uninterrupted_run(synthetic, tiny_cfg, tmp_path, monkeypatch, hard_negatives,
+                                                           accumulate):
+    """Colab dies in epoch 3 of 3: fit(resume=True) continues from "last" to the same history.
+
+    With gradient accumulation the epoch's batches are not a multiple of 3 here: a group that
+    carried gradients over into the next epoch would make the resumed run (which starts clean) differ.
+    """
     _, train, val, _ = synthetic
-    cfg = dataclasses.replace(tiny_cfg, epochs=3, hard_negatives=hard_negatives, out_dir=str(tmp_path / "whole"))
+    cfg = dataclasses.replace(tiny_cfg, epochs=3, hard_negatives=hard_negatives, out_dir=str(tmp_path / "whole"),
+                              gradient_accumulation_steps=accumulate)
+    if accumulate > 1:
+        assert len(cu.clean_table(train, cfg)) // cfg.batch_size % accumulate, "the test needs a ragged group"
     model, tokenizer = cu.build_model(cfg, captions=train["caption"])
     whole = cu.fit(model, tokenizer, train, val, cfg)
 
@@ -141,3 +149,16 @@ def test_fit_trains_on_mined_batches_from_the_second_epoch(synthetic, tiny_cfg, 
     assert (calls[0]["batch_size"], calls[0]["group"]) == (cfg.batch_size, 4)
     # a batch carries each row's factorized image id
     assert stepped[-2:] == [[image_ids[r] for r in [5, 0, 3, 7]], [image_ids[r] for r in [1, 2]]]
+
+
+def test_accumulation_updates_every_k_batches_and_leaves_no_gradient_behind(synthetic, tiny_cfg, tmp_path):
+    """k=3: one AdamW update per 3 batches; the epoch's ragged rest is dropped, not carried into the next epoch."""
+    _, train, val, _ = synthetic
+    cfg = dataclasses.replace(tiny_cfg, epochs=2, gradient_accumulation_steps=3, out_dir=str(tmp_path))
+    batches = len(cu.clean_table(train, cfg)) // cfg.batch_size
+    assert batches % 3, "the test needs a ragged group"
+    model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+    cu.fit(model, tokenizer, train, val, cfg)
+    assert all(p.grad is None for p in model.parameters())
+    state = torch.load(tmp_path / "last" / "training_state.pt", weights_only=True)["optimizer"]["state"]
+    assert {int(s["step"]) for s in state.values()} == {2 * (batches // 3)}

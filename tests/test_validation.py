@@ -43,6 +43,8 @@ def _raises(call, pattern, error=ValueError):
     ("on_bad_input", "ignore", "'skip' or 'raise'"),
     ("device", "gpu", "'auto', 'cpu' or 'cuda'"),
     ("device", "cuda:1", "CUDA_VISIBLE_DEVICES"),
+    ("heads", "conv", "'mlp' or 'linear'"),
+    ("eval_resize", "stretch", "'crop' or 'square'"),
 ])
 def test_an_unknown_choice_names_the_field_value_and_choices(field, value, allowed):
     pattern = re.escape(f"{field}={value!r}: use ") + ".*" + re.escape(allowed)
@@ -67,6 +69,8 @@ def test_an_unknown_choice_names_the_field_value_and_choices(field, value, allow
     ("max_length", 2, ">= 3"),
     ("weight_decay", -0.1, ">= 0"),
     ("num_workers", -1, ">= 0"),
+    ("gradient_accumulation_steps", 0, ">= 1"),
+    ("translator", " ", "a Hugging Face model name"),
     ("epochs", 2.5, "an integer"),
     ("image_pretrained", "False", "True or False"),  # a string from an environment variable is always truthy
     ("text_config", None, "a dict"),

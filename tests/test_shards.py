@@ -1,0 +1,129 @@
+"""Data at scale: webdataset shards round-trip a table, every process streams the same number of batches,
+fit trains from shards, and the decode-once cache gives the pixels decoding gives."""
+import dataclasses
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import clip_utils as cu
+from clip_utils.shards import _samples
+
+
+@pytest.fixture(scope="module")
+def shards(synthetic, tiny_cfg, tmp_path_factory):
+    _, train, _, _ = synthetic
+    return cu.write_shards(train, tmp_path_factory.mktemp("shards"), tiny_cfg, rows_per_shard=40), train
+
+
+def _all_samples(folder):
+    index = cu.read_index(folder)
+    return [parts for shard in index["shards"] for parts in _samples(folder / shard["name"])]
+
+
+def test_shards_round_trip_the_table(shards):
+    folder, table = shards
+    index = cu.read_index(folder)
+    samples = _all_samples(folder)
+    assert index["rows"] == len(samples) == len(table) and index["images"] == table["image"].nunique()
+    assert [s["rows"] for s in index["shards"]] == [40] * (len(table) // 40) + [len(table) % 40] * bool(len(table) % 40)
+    rows = [(json.loads(s["json"])["image"], s["txt"].decode()) for s in samples]
+    assert Counter(rows) == Counter(zip(table["image"], table["caption"]))  # every row once, Hindi intact
+    ids = {}
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert s["png"] == open(meta["image"], "rb").read()  # the file's own bytes
+        assert ids.setdefault(meta["image"], meta["image_id"]) == meta["image_id"]  # one id per image...
+    assert len(set(ids.values())) == len(ids)  # ...and a different one for each
+
+
+def test_the_webdataset_library_reads_our_shards(shards):
+    webdataset = pytest.importorskip("webdataset")
+    folder, table = shards
+    names = [str(folder / s["name"]) for s in cu.read_index(folder)["shards"]]
+    samples = list(webdataset.WebDataset(names, shardshuffle=False).decode("rgb8"))
+    assert len(samples) == len(table)
+    first = _all_samples(folder)[0]
+    assert samples[0]["txt"] == first["txt"].decode() and samples[0]["json"] == json.loads(first["json"])
+    assert np.array_equal(samples[0]["png"], cu.load_image(json.loads(first["json"])["image"]))  # the same pixels
+
+
+@pytest.mark.parametrize("world, workers, rows_per_shard", [(1, 0, 40), (2, 0, 40), (3, 2, 40), (2, 2, 200)])
+def test_every_process_streams_the_same_number_of_full_batches(synthetic, tiny_cfg, tmp_path, world, workers,
+                                                               rows_per_shard):
+    """Uneven shards (the last is short), fewer shards than readers (2 shards, 2 x 2 readers), workers."""
+    _, train, _, _ = synthetic
+    cfg = dataclasses.replace(tiny_cfg, batch_size=6)
+    folder = cu.write_shards(train, tmp_path, cfg, rows_per_shard=rows_per_shard)
+    _, tokenizer = cu.build_model(cfg, captions=train["caption"])
+    counts, seen = [], Counter()
+    for rank in range(world):
+        loader = cu.stream_loader(folder, tokenizer, cfg, rank, world, epoch=1)
+        loader = torch.utils.data.DataLoader(loader.dataset, batch_size=None, num_workers=workers)
+        batches = list(loader)
+        assert all(len(b["input_ids"]) == 6 // world for b in batches)
+        assert all(b["images"].shape[-1] == cfg.image_size for b in batches)
+        counts.append(len(batches))
+        seen.update(int(i) for b in batches for i in b["image_ids"])
+    assert counts == [len(train) // 6] * world
+    # An epoch reads (nearly) every row once: shares are whole shards or every world-th sample.
+    assert sum(seen.values()) == len(train) // 6 * 6
+    assert len(seen) >= 0.9 * train["image"].nunique()
+
+
+def test_each_epoch_streams_another_order(shards, tiny_cfg, tiny_model):
+    folder, _ = shards
+    _, tokenizer = tiny_model
+    orders = [[int(i) for b in cu.stream_loader(folder, tokenizer, tiny_cfg, epoch=epoch) for i in b["image_ids"]]
+              for epoch in (1, 1, 2)]
+    assert orders[0] == orders[1] != orders[2]
+
+
+def test_fit_trains_from_a_shard_folder(shards, synthetic, tiny_cfg, tmp_path):
+    folder, train = shards
+    _, _, val, _ = synthetic
+    cfg = dataclasses.replace(tiny_cfg, epochs=3, out_dir=str(tmp_path))
+    model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+    history = cu.fit(model, tokenizer, folder, val, cfg)
+    assert len(history) == 3 and history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    with pytest.raises(ValueError, match="hard_negatives"):
+        cu.fit(model, tokenizer, folder, val, dataclasses.replace(cfg, hard_negatives=4))
+
+
+def test_the_decode_once_cache_gives_the_pixels_decoding_gives(synthetic, tiny_cfg, tmp_path):
+    _, train, _, _ = synthetic
+    table = train.head(40)
+    cached_cfg = dataclasses.replace(tiny_cfg, image_cache=str(tmp_path / "cache"))
+    _, tokenizer = cu.build_model(tiny_cfg, captions=train["caption"])
+    plain = cu.make_loader(table, tokenizer, tiny_cfg, train=True)
+    cached = cu.make_loader(table, tokenizer, cached_cfg, train=True)
+    assert cached.dataset.cache and not plain.dataset.cache
+    pixels = np.load(cached.dataset.cache)
+    assert pixels.shape == (table["image"].nunique(), tiny_cfg.image_size, tiny_cfg.image_size, 3)
+    for loader in (plain, cached):
+        loader.generator.manual_seed(0)
+        loader.dataset.transform.set_random_seed(0)
+    for a, b in zip(plain, cached):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["image_ids"], b["image_ids"])
+    files = list((tmp_path / "cache").iterdir())
+    stamp = os.stat(files[0]).st_mtime_ns
+    cu.make_loader(table, tokenizer, cached_cfg, train=True)  # the same table again: the same file, untouched
+    assert list((tmp_path / "cache").iterdir()) == files and os.stat(files[0]).st_mtime_ns == stamp
+    cu.make_loader(table, tokenizer, dataclasses.replace(cached_cfg, image_size=24), train=True)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # another size, another file
+    assert not cu.make_loader(table, tokenizer, cached_cfg, train=False).dataset.cache  # evaluation decodes
+
+
+def test_fit_with_the_cache_repeats_fit_without(synthetic, tiny_cfg, tmp_path):
+    _, train, val, _ = synthetic
+    histories = []
+    for cache in ("", str(tmp_path / "cache")):
+        cfg = dataclasses.replace(tiny_cfg, epochs=2, image_cache=cache, out_dir=str(tmp_path / f"run{len(cache)}"))
+        model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+        histories.append(cu.fit(model, tokenizer, train, val, cfg))
+    columns = ["train_loss", "val_loss", "temperature"]
+    pd.testing.assert_frame_equal(histories[0][columns], histories[1][columns])
