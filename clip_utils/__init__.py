@@ -21,7 +21,15 @@ from .checkpoints import (
 )
 from .coco35l import COCO35L_LANGUAGES, COCO35L_URLS, download_coco35l, load_coco35l, prepare_coco35l
 from .config import Config
-from .data import cache_images, clean_table, image_transforms, load_image, make_loader, split_by_image
+from .data import (
+    cache_images,
+    clean_table,
+    image_transforms,
+    load_image,
+    make_loader,
+    similar_batches,
+    split_by_image,
+)
 from .datasets import (
     CATS_VS_DOGS,
     CATS_VS_DOGS_HINDI,
@@ -60,7 +68,7 @@ from .plots import plot_history, show_retrieval, show_zero_shot, use_devanagari_
 from .shards import read_index, stream_loader, write_shards
 from .synthetic import HELD_OUT_PAIRS, make_synthetic_dataset, prepare_quick_data, synthetic_classes
 from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
-from .train import fit, make_optimizer, similar_batches, train_step
+from .train import fit, make_optimizer, train_step
 from .translate import (
     DEFAULT_TRANSLATOR,
     read_english_captions,

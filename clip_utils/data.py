@@ -1,5 +1,5 @@
 """Caption tables in, batches out: splitting by image, image decoding, cleaning bad rows,
-augmentation and the DataLoader."""
+augmentation, the decode-once cache, the DataLoader and hard-negative batches."""
 from __future__ import annotations
 
 import math
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from .config import Config, _device
 from .text import normalize_caption
@@ -227,21 +228,28 @@ def cache_images(paths, cfg: Config) -> Path:
     import hashlib
 
     paths = [str(p) for p in paths]
-    key = hashlib.sha256("\n".join([str(cfg.image_size), *paths]).encode()).hexdigest()[:16]
+    # Each file's size and modification time too: photos replaced under the same names get a new cache.
+    stats = [f"{p}\t{os.stat(p).st_size}\t{os.stat(p).st_mtime_ns}" for p in paths]
+    key = hashlib.sha256("\n".join([str(cfg.image_size), *stats]).encode()).hexdigest()[:16]
     target = Path(cfg.image_cache) / f"images-{cfg.image_size}px-{key}.npy"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial_file = target.with_name(f"{target.stem}.{os.getpid()}.part.npy")  # renamed when whole: never half-read
-    pixels = np.lib.format.open_memmap(partial_file, mode="w+", dtype=np.uint8,
-                                       shape=(len(paths), cfg.image_size, cfg.image_size, 3))  # (I, S, S, 3)
-    decode = torch.utils.data.DataLoader(_DecodeDataset(paths, cfg.image_size), batch_size=None,
-                                         num_workers=cfg.num_workers)  # worker processes decode in parallel
-    for i, image in decode:
-        pixels[i] = np.asarray(image)
-    pixels.flush()
-    del pixels
-    os.replace(partial_file, target)
+    import uuid
+
+    partial_file = target.with_name(f"{target.stem}.{uuid.uuid4().hex}.part.npy")  # renamed when whole: never half-read
+    try:
+        pixels = np.lib.format.open_memmap(partial_file, mode="w+", dtype=np.uint8,
+                                           shape=(len(paths), cfg.image_size, cfg.image_size, 3))  # (I, S, S, 3)
+        decode = torch.utils.data.DataLoader(_DecodeDataset(paths, cfg.image_size), batch_size=None,
+                                             num_workers=cfg.num_workers)  # worker processes decode in parallel
+        for i, image in decode:
+            pixels[i] = np.asarray(image)
+        pixels.flush()
+        del pixels
+        os.replace(partial_file, target)
+    finally:
+        partial_file.unlink(missing_ok=True)  # an interrupted cache leaves no half file of many GB
     return target
 
 
@@ -261,6 +269,9 @@ class _PairDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.captions)
+
+    def __getstate__(self):  # a worker process opens the cache itself instead of receiving a copy of its pixels
+        return {**self.__dict__, "_pixels": None}
 
     def __getitem__(self, i):
         if self.cache:
@@ -331,3 +342,45 @@ def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None
         dataset, **order, num_workers=workers, pin_memory=cuda, worker_init_fn=_seed_worker,
         collate_fn=partial(_collate, tokenizer=tokenizer, max_length=cfg.max_length),
         generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def similar_batches(image_embeds, image_ids, batch_size: int, group: int, seed: int) -> list[list[int]]:
+    """Row batches made of groups of images the model finds most alike: hard in-batch negatives.
+
+    In a random batch of simple scenes, colour and position nearly always tell the images apart,
+    so the loss never asks for shape. Grouping each image with its nearest neighbours under the
+    current image embeddings puts exactly the images the model confuses into one softmax. Every
+    row (caption) is still used once per epoch; the ragged last batch is dropped. A group shrinks
+    when its anchor's nearest images have no unused rows left, and groups may straddle batches.
+
+    Args:
+        image_embeds: (I, D) embeddings of the table's distinct images.
+        image_ids: (N,) index into image_embeds of each row.
+        batch_size: rows per batch.
+        group: images per group; groups are shuffled, then cut into batches.
+        seed: the same seed and embeddings give the same batches.
+    """
+    rng = np.random.default_rng(seed)
+    image_ids = np.asarray(image_ids)
+    embeds = F.normalize(image_embeds.float(), dim=-1)  # (I, D)
+    similarity = embeds @ embeds.T  # (I, I)
+    similarity.fill_diagonal_(-math.inf)
+    neighbours = similarity.topk(min(4 * group, len(embeds) - 1), dim=1).indices.tolist()  # (I, K), nearest first
+    rows_of = [[] for _ in range(len(embeds))]  # each image's unused rows, in random order
+    for row in rng.permutation(len(image_ids)):
+        rows_of[image_ids[row]].append(int(row))
+    groups = []
+    for image in image_ids[rng.permutation(len(image_ids))]:  # an image anchors as many groups as it has rows
+        if not rows_of[image]:
+            continue
+        members = [rows_of[image].pop()]
+        for other in neighbours[image]:
+            if len(members) == group:
+                break
+            if rows_of[other]:
+                members.append(rows_of[other].pop())
+        groups.append(members)
+    rows = [row for k in rng.permutation(len(groups)) for row in groups[k]]
+    if len(rows) <= batch_size:  # as with random batches: a table smaller than one batch is one batch
+        return [rows]
+    return [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]

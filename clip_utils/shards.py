@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +23,61 @@ INDEX = "index.json"
 SHUFFLE_BUFFER = 1000  # samples (encoded: ~160 MB of COCO photos) each worker shuffles among, after the shard order
 
 
-def write_shards(df: pd.DataFrame, folder, cfg: Config, rows_per_shard: int = 1000) -> Path:
+def _fingerprint(df: pd.DataFrame, cfg: Config, max_side) -> str:
+    """A hash of what write_shards would write: the rows, the seed that shuffles them and the photo size."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{cfg.seed} {max_side} {cfg.image_dir}".encode())
+    for image, caption in zip(df["image"], df["caption"]):
+        digest.update(f"{image}\t{caption}\n".encode())
+    return digest.hexdigest()
+
+
+def _photo_bytes(path: Path, max_side) -> tuple[str, bytes]:
+    """(suffix, bytes) of a photo: the file itself, or re-encoded as JPEG with its shorter side at most max_side."""
+    if not max_side:
+        return path.suffix.lower().lstrip(".") or "jpg", path.read_bytes()
+    from PIL import Image
+
+    image = Image.fromarray(load_image(path, max_side=max_side))
+    scale = max_side / min(image.size)
+    if scale < 1:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return "jpg", out.getvalue()
+
+
+def write_shards(df: pd.DataFrame, folder, cfg: Config, rows_per_shard: int = 1000,
+                 max_side: int | None = None) -> Path:
     """Write a caption table as webdataset tar shards plus index.json; returns the folder.
 
     Rows are shuffled first (seeded by cfg.seed), so each shard mixes many images and a stream that
     reads whole shards still sees varied batches. image_id counts the table's distinct images: it is
-    what keeps several captions of one photo positives of each other in a batch.
+    what keeps several captions of one photo positives of each other in a batch. Each caption row
+    carries its photo, so a photo with 5 captions is stored 5 times: max_side shrinks them (COCO's
+    566k Hindi rows: ~90 GB as the original files, ~20 GB at max_side=256). A folder already written
+    from the same table, seed and max_side is kept as it is; index.json is written last, so a
+    folder whose writing was interrupted is written again.
 
     Args:
         df: table with `image` and `caption` (checked with clean_table first).
-        folder: where shard-000000.tar, ... and index.json go (the old ones are replaced).
+        folder: where shard-000000.tar, ... and index.json go (older ones are replaced).
         cfg: image_dir, on_bad_input and seed.
         rows_per_shard: caption rows per tar file; use at least processes x workers shards (see stream_loader).
+        max_side: re-encode each photo as a JPEG whose shorter side is at most this (None: the file's own bytes).
     """
     if not (isinstance(rows_per_shard, int) and rows_per_shard >= 1):
         raise ValueError(f"rows_per_shard must be an integer >= 1, got {rows_per_shard!r}")
+    folder = Path(folder)
+    fingerprint = _fingerprint(df, cfg, max_side)
+    if (folder / INDEX).exists() and read_index(folder).get("fingerprint") == fingerprint:
+        return folder
     df = clean_table(df, cfg, name="shard")
     image_ids, images = pd.factorize(df["image"])
     order = np.random.default_rng(cfg.seed).permutation(len(df))
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / INDEX).unlink(missing_ok=True)  # no index while the shards are being replaced
     for old in folder.glob("shard-*.tar"):
         old.unlink()
     shards = []
@@ -49,17 +86,18 @@ def write_shards(df: pd.DataFrame, folder, cfg: Config, rows_per_shard: int = 10
         rows = order[start:start + rows_per_shard]
         with tarfile.open(folder / name, "w") as tar:
             for row in rows:
-                path = Path(_resolve(df["image"].iat[row], cfg))
-                suffix = path.suffix.lower().lstrip(".") or "jpg"
+                suffix, photo = _photo_bytes(Path(_resolve(df["image"].iat[row], cfg)), max_side)
                 meta = dict(image_id=int(image_ids[row]), image=str(df["image"].iat[row]))
-                for member, data in ((suffix, path.read_bytes()), ("txt", df["caption"].iat[row].encode()),
+                for member, data in ((suffix, photo), ("txt", df["caption"].iat[row].encode()),
                                      ("json", json.dumps(meta, ensure_ascii=False).encode())):
                     info = tarfile.TarInfo(f"{row:09d}.{member}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
         shards.append(dict(name=name, rows=len(rows)))
-    index = dict(rows=len(df), images=len(images), shards=shards)
-    (folder / INDEX).write_text(json.dumps(index, indent=1))
+    index = dict(rows=len(df), images=len(images), fingerprint=fingerprint, shards=shards)
+    partial = folder / f"{INDEX}.part"
+    partial.write_text(json.dumps(index, indent=1))
+    os.replace(partial, folder / INDEX)  # all or nothing: a reader never sees half an index
     return folder
 
 
@@ -86,62 +124,82 @@ def _samples(path: Path):
             yield parts
 
 
+def _reader_shares(rows: list[int], order, slots: int) -> tuple[list, bool]:
+    """Each reader's shards (whole shards, dealt by rows) and whether readers take whole shards.
+
+    With at least as many shards as readers, each shard goes to the reader with the fewest rows so
+    far, so the shares differ by at most one shard's rows. With fewer, every reader reads every
+    shard and keeps every slots-th sample (counted over all shards in order): shares differ by one row.
+    """
+    if len(order) < slots:
+        return [list(order)] * slots, False
+    shares, loads = [[] for _ in range(slots)], [0] * slots
+    for k in order:
+        lightest = min(range(slots), key=lambda s: loads[s])
+        shares[lightest].append(k)
+        loads[lightest] += rows[k]
+    return shares, True
+
+
 class _ShardStream(torch.utils.data.IterableDataset):
     """One process's share of the shards, as batches of its own rows; each worker takes a share of that."""
 
-    def __init__(self, folder, tokenizer, cfg: Config, rank: int, world: int, epoch: int, transform):
+    def __init__(self, folder, tokenizer, cfg: Config, rank: int, world: int, epoch: int, transform, workers: int):
         self.folder, self.tokenizer, self.cfg, self.transform = Path(folder), tokenizer, cfg, transform
-        self.rank, self.world, self.epoch = rank, world, epoch
+        self.rank, self.world, self.epoch, self.workers = rank, world, epoch, max(workers, 1)
         index = read_index(folder)
         self.shards = [s["name"] for s in index["shards"]]
         self.rows = [s["rows"] for s in index["shards"]]
         self.local_batch = cfg.batch_size // world
-        self.steps = index["rows"] // cfg.batch_size  # global batches per epoch; the ragged rest is dropped
+        slots = world * self.workers
+        # The same shard order on every process (seeded by the epoch), so the readers share it out without talking.
+        self.order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.shards))
+        self.shares, self.whole = _reader_shares(self.rows, self.order, slots)
+        share_rows = ([sum(self.rows[k] for k in share) for share in self.shares] if self.whole else
+                      [sum(self.rows) // slots] * slots)
+        # Every reader yields as many batches as the smallest share fills: no process waits for another at a
+        # collective, and no row repeats (a few rows of the larger shares wait for the next epoch's order).
+        self.batches_per_reader = min(share_rows) // self.local_batch
 
     def __len__(self):
-        return self.steps
+        return self.batches_per_reader * self.workers
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, slots = self.rank * workers + worker, self.world * workers  # this reader among all of them
-        # The same shard order on every process (seeded by the epoch), so the slots share it out without talking.
-        order = np.random.default_rng([self.cfg.seed, self.epoch]).permutation(len(self.shards))
-        # Enough shards: each reader takes whole ones. Too few: every reader reads all, keeping every slots-th sample.
-        whole = len(self.shards) >= slots
-        mine = order[slot::slots] if whole else order
-        share = sum(self.rows[k] for k in mine) // (1 if whole else slots)  # about this reader's rows
-        buffer_size = max(1, min(SHUFFLE_BUFFER, share))  # never so big that it holds a sample twice
+        worker = info.id if info else 0
+        slot, slots = self.rank * self.workers + worker, self.world * self.workers
         rng = np.random.default_rng([self.cfg.seed, self.epoch, slot])
         self.transform.set_random_seed(int(rng.integers(2**31)))
-        # Readers owe equal shares of the epoch's batches; one whose shards run out first starts them over.
-        batches = self.steps // workers + (worker < self.steps % workers)  # the DataLoader takes workers in turn
-        buffer, batch = [], []
-        for parts in self._forever(mine, None if whole else (slot, slots)):
-            if batches == 0:
-                return
-            buffer.append(parts)
-            if len(buffer) < buffer_size:
-                continue
+        wanted = self.batches_per_reader * self.local_batch
+        samples = self._share(slot, slots)
+        buffer, batch, made = [], [], 0
+        while made < self.batches_per_reader:
+            for parts in samples:  # fill the buffer, then draw from it at random
+                buffer.append(parts)
+                if len(buffer) >= min(SHUFFLE_BUFFER, wanted):
+                    break
+            if not buffer:
+                return  # cannot happen: every share holds at least `wanted` samples
             batch.append(self._decode(buffer.pop(int(rng.integers(len(buffer))))))
             if len(batch) == self.local_batch:
                 yield _collate(batch, self.tokenizer, self.cfg.max_length)
-                batch, batches = [], batches - 1
+                batch, made = [], made + 1
 
-    def _forever(self, shards, stride):
-        if len(shards) == 0:
-            return
-        while True:  # stops when __iter__ has its batches
-            for k in shards:
-                for j, parts in enumerate(_samples(self.folder / self.shards[k])):
-                    if stride is None or j % stride[1] == stride[0]:
-                        yield parts
+    def _share(self, slot: int, slots: int):
+        """This reader's samples, in its shards' order: whole shards, or every slots-th sample of all of them."""
+        counted = 0
+        for k in self.shares[slot]:
+            for parts in _samples(self.folder / self.shards[k]):
+                if self.whole or counted % slots == slot:
+                    yield parts
+                counted += 1
 
     def _decode(self, parts: dict):
         suffix = next(s for s in parts if s not in ("txt", "json"))
         try:
             image = load_image(io.BytesIO(parts[suffix]), max_side=self.cfg.image_size)
-        except Exception:  # a broken file: dropped, the collate counts only the good rows
+        except Exception as error:  # a broken file: dropped, the batch is one row shorter
+            warnings.warn(f"skipping an unreadable image in {self.folder}: {error}")
             return None
         meta = json.loads(parts["json"])
         return self.transform(image=image)["image"], parts["txt"].decode(), int(meta["image_id"])
@@ -152,10 +210,10 @@ def stream_loader(folder, tokenizer, cfg: Config, rank: int = 0, world: int = 1,
     """A DataLoader streaming this process's share of a shard folder: len() batches of batch_size / world rows.
 
     Each epoch reshuffles the shard order (the same on every process) and each reader's sample
-    order. Every process gets exactly the same number of batches, rows // batch_size, so no process
-    waits at a collective for one that has finished; a process whose shards hold fewer rows
-    repeats some of them. With at least processes x workers shards, readers take whole shards;
-    with fewer, all read every shard and keep their share of its samples.
+    order (a reader is one worker of one process). Every reader yields the same number of batches,
+    as many as the smallest share fills, so no process waits at a collective for one that has
+    finished, and no row repeats within an epoch. With at least processes x workers shards, readers
+    take whole shards (dealt by rows); with fewer, all read every shard and keep their share of it.
 
     Args:
         folder: from write_shards.
@@ -166,11 +224,12 @@ def stream_loader(folder, tokenizer, cfg: Config, rank: int = 0, world: int = 1,
         mean, std: the image encoder's normalisation (defaults to ImageNet's).
     """
     norm = {k: v for k, v in dict(mean=mean, std=std).items() if v is not None}
-    stream = _ShardStream(folder, tokenizer, cfg, rank, world, epoch, image_transforms(cfg, True, **norm))
-    if stream.steps == 0:
-        raise ValueError(f"{folder} holds {read_index(folder)['rows']} rows, fewer than one batch "
-                         f"(batch_size={cfg.batch_size}): write more rows or lower batch_size")
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    workers = cfg.num_workers if cuda else 0  # as make_loader: on a CPU the model's threads use every core
+    stream = _ShardStream(folder, tokenizer, cfg, rank, world, epoch, image_transforms(cfg, True, **norm), workers)
+    if len(stream) == 0:
+        raise ValueError(f"{folder} holds {read_index(folder)['rows']} rows in {len(stream.shards)} shards: too "
+                         f"few to give each of {world} process(es) x {max(workers, 1)} reader(s) one batch of "
+                         f"{stream.local_batch}; write more rows or smaller shards, or lower batch_size")
     # batch_size=None: the stream yields whole batches, each worker its own in turn
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers if cuda else 0,
-                                       pin_memory=cuda)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=cuda)

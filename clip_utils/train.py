@@ -3,6 +3,7 @@ and the fit loop with checkpoints and resume."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import time
@@ -12,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from .checkpoints import _load_weights, restore_training_state, save_checkpoint, save_training_state
 from .config import Config, _seed_everything
-from .data import clean_table, make_loader
+from .data import clean_table, make_loader, similar_batches
 from .evaluate import encode_images
 from .losses import clip_loss, soft_target_loss
 from .model import CLIPModel
@@ -121,48 +121,6 @@ def train_step(model, batch: dict, optimizer, cfg: Config, accelerator=None) -> 
     return whole.item()
 
 
-def similar_batches(image_embeds, image_ids, batch_size: int, group: int, seed: int) -> list[list[int]]:
-    """Row batches made of groups of images the model finds most alike: hard in-batch negatives.
-
-    In a random batch of simple scenes, colour and position nearly always tell the images apart,
-    so the loss never asks for shape. Grouping each image with its nearest neighbours under the
-    current image embeddings puts exactly the images the model confuses into one softmax. Every
-    row (caption) is still used once per epoch; the ragged last batch is dropped. A group shrinks
-    when its anchor's nearest images have no unused rows left, and groups may straddle batches.
-
-    Args:
-        image_embeds: (I, D) embeddings of the table's distinct images.
-        image_ids: (N,) index into image_embeds of each row.
-        batch_size: rows per batch.
-        group: images per group; groups are shuffled, then cut into batches.
-        seed: the same seed and embeddings give the same batches.
-    """
-    rng = np.random.default_rng(seed)
-    image_ids = np.asarray(image_ids)
-    embeds = F.normalize(image_embeds.float(), dim=-1)  # (I, D)
-    similarity = embeds @ embeds.T  # (I, I)
-    similarity.fill_diagonal_(-math.inf)
-    neighbours = similarity.topk(min(4 * group, len(embeds) - 1), dim=1).indices.tolist()  # (I, K), nearest first
-    rows_of = [[] for _ in range(len(embeds))]  # each image's unused rows, in random order
-    for row in rng.permutation(len(image_ids)):
-        rows_of[image_ids[row]].append(int(row))
-    groups = []
-    for image in image_ids[rng.permutation(len(image_ids))]:  # an image anchors as many groups as it has rows
-        if not rows_of[image]:
-            continue
-        members = [rows_of[image].pop()]
-        for other in neighbours[image]:
-            if len(members) == group:
-                break
-            if rows_of[other]:
-                members.append(rows_of[other].pop())
-        groups.append(members)
-    rows = [row for k in rng.permutation(len(groups)) for row in groups[k]]
-    if len(rows) <= batch_size:  # as with random batches: a table smaller than one batch is one batch
-        return [rows]
-    return [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
-
-
 @torch.no_grad()
 def _mean_loss(model, loader, cfg, accelerator) -> float:
     """Mean loss per caption over a loader; with several processes, summed over all of them (the same everywhere)."""
@@ -233,7 +191,7 @@ def fit(model: CLIPModel, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config
     main process writes to cfg.out_dir; with several machines it must be a shared folder.
 
     train_df may also be a folder of webdataset shards (write_shards), streamed by stream_loader:
-    data larger than memory, read once per epoch. With cfg.gradient_accumulation_steps = k, each
+    data larger than memory, each row at most once per epoch. With cfg.gradient_accumulation_steps = k, each
     epoch uses a multiple of k batches (the rest is dropped), so no update mixes two epochs.
 
     Args:
@@ -283,8 +241,9 @@ def fit(model: CLIPModel, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config
         history, best = restore_training_state(out_dir / "last", model, optimizer, scheduler, accelerator.scaler)
         first_epoch = len(history) + 1
         accelerator.print(f"resuming after epoch {len(history)} from {out_dir / 'last'}")
+    learns_temperature = model.logit_scale.requires_grad
     if cfg.loss == "soft_target":  # its targets come from the embeddings: no temperature (DDP wants every
-        model.logit_scale.requires_grad_(False)  # parameter it trains to get a gradient)
+        model.logit_scale.requires_grad_(False)  # parameter it trains to get a gradient); restored at the end
     trained, optimizer = accelerator.prepare(model, optimizer)  # DDP-wrapped with several processes
     quiet = {} if accelerator.is_local_main_process else dict(disable=True)  # one progress bar per machine
     start = time.time()
@@ -314,13 +273,14 @@ def fit(model: CLIPModel, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config
             raise ValueError(f"an epoch has {len(epoch_loader)} batches, fewer than gradient_accumulation_steps={k}: "
                              "lower it or batch_size")
         accelerator.step = 0  # Accelerate's count of batches towards the next update (a resumed run starts at 0 too)
+        optimizer.zero_grad(set_to_none=True)  # nothing left over from an epoch cut short
         trained.train()
         running, seen = 0.0, 0
         bar = tqdm(epoch_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, **quiet)
         for step, batch in enumerate(bar):
             if step == usable:
                 break
-            if not batch:
+            if _any_process(accelerator, not batch):  # all images of a batch unreadable: every process skips it
                 continue
             batch = _to(batch, device)
             try:
@@ -360,6 +320,7 @@ def fit(model: CLIPModel, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config
             accelerator.print(f"stopping: the {cfg.max_minutes}-minute budget (cfg.max_minutes) is spent")
             break
     accelerator.unwrap_model(trained, keep_fp32_wrapper=False)  # gives `model` back its own forward
+    model.logit_scale.requires_grad_(learns_temperature)
     if math.isfinite(best):
         _load_weights(model, out_dir / "best" / "model.safetensors")
     return pd.DataFrame(history)
@@ -400,6 +361,8 @@ def main(argv=None) -> None:
     parser.add_argument("--train-csv", default=None, help="your own table (columns image, caption) instead")
     parser.add_argument("--val-csv", default=None, help="its validation table (needed with --train-csv)")
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/last")
+    parser.add_argument("--prepare-only", action="store_true", help="download and prepare the data (and shards) "
+                        "in this one process, then stop: run it before a launch whose first run downloads a lot")
     for name, kind in [("out_dir", str), ("image_dir", str), ("epochs", int), ("batch_size", int),
                        ("gradient_accumulation_steps", int), ("precision", str), ("max_minutes", float),
                        ("seed", int), ("num_workers", int), ("image_cache", str), ("device", str)]:
@@ -411,7 +374,10 @@ def main(argv=None) -> None:
         parser.error("--data coco35l is full mode's: add --mode full (quick mode draws synthetic scenes)")
     from accelerate import PartialState
 
-    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    # The other processes wait at a barrier while the main one prepares the data: a Flickr8k download and
+    # translation take minutes, longer than NCCL's default 10-minute timeout (COCO-35L: use --prepare-only first).
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available(),
+                         timeout=datetime.timedelta(minutes=60))
     with state.main_process_first():  # the main process downloads or draws the data; the others find it cached
         if args.train_csv:
             train_df, val_df, test_df = pd.read_csv(args.train_csv), pd.read_csv(args.val_csv), None
@@ -421,8 +387,12 @@ def main(argv=None) -> None:
             train_df, val_df, test_df = prepare_coco35l(args.data_dir or "data/coco35l", args.language)
         else:
             train_df, val_df, test_df = prepare_data(cfg, args.data_dir or f"data/{cfg.mode}", args.captions)
-        if args.shards and state.is_main_process and not Path(args.shards, "index.json").exists():
-            write_shards(train_df, args.shards, cfg)
+        if args.shards and state.is_main_process:  # kept as they are if written from this table before
+            write_shards(train_df, args.shards, cfg, max_side=cfg.image_size * 8 // 7)  # 256 px at 224
+    if args.prepare_only:
+        shards = f", shards in {args.shards}" if args.shards else ""
+        state.print(f"data ready: {len(train_df)} training captions{shards}")
+        return
     state.print(f"{cfg.mode} mode, {state.num_processes} process(es) on {state.device}, global batch {cfg.batch_size}")
     model, tokenizer = build_model(cfg, captions=train_df["caption"])
     fit(model, tokenizer, args.shards or train_df, val_df, cfg, resume=args.resume)

@@ -230,16 +230,32 @@ def _stream_worker(rank, world, folder, train, val, cfg, out):
 
 
 def test_two_processes_stream_shards_in_step(synthetic, tiny_cfg, tmp_path):
-    """3 shards of 30, 30 and 4 rows: one rank reads two of them, the other one, yet both take 8 steps an epoch."""
+    """3 shards of 30, 30 and 4 rows, dealt by rows: 34 and 30; both ranks take 30 // 4 = 7 steps an epoch."""
     _, train, val, _ = synthetic
     cfg = dataclasses.replace(tiny_cfg, epochs=2, out_dir=str(tmp_path / "run"))
     folder = cu.write_shards(train.head(64), tmp_path / "shards", cfg, rows_per_shard=30)
     _launch(_stream_worker, str(folder), train.head(64), val.head(21), cfg, str(tmp_path))
     ranks = [torch.load(tmp_path / f"stream{r}.pt", weights_only=True) for r in range(WORLD)]
-    assert [rank["steps"] for rank in ranks] == [2 * (64 // cfg.batch_size)] * WORLD
+    assert [rank["steps"] for rank in ranks] == [2 * 7] * WORLD
     pd.testing.assert_frame_equal(*(pd.DataFrame(rank["history"]).drop(columns="seconds") for rank in ranks))
     for name, value in ranks[0]["params"].items():
         torch.testing.assert_close(ranks[1]["params"][name], value)  # DDP kept the ranks in step
+
+
+def _soft_target_worker(rank, world, train, val, cfg, out):
+    model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+    history = cu.fit(model, tokenizer, train, val, cfg)
+    torch.save(dict(rows=len(history), learns_temperature=model.logit_scale.requires_grad),
+               Path(out) / f"soft{rank}.pt")
+
+
+def test_two_processes_train_with_the_soft_target_loss(synthetic, tiny_cfg, tmp_path):
+    """The published loss has no temperature: DDP would stop at the second step over its missing gradient."""
+    _, train, val, _ = synthetic
+    cfg = dataclasses.replace(tiny_cfg, epochs=1, loss="soft_target", out_dir=str(tmp_path / "run"))
+    _launch(_soft_target_worker, train.head(40), val.head(16), cfg, str(tmp_path))
+    for rank in range(WORLD):
+        assert torch.load(tmp_path / f"soft{rank}.pt") == dict(rows=1, learns_temperature=True)  # flag restored
 
 
 # -- a hanging rank -----------------------------------------------------------

@@ -196,7 +196,7 @@ def _run_setup(monkeypatch, versions, imported_matplotlib):
 
 
 NEW = {"matplotlib": "3.11.2", "fontpkg-noto-sans-devanagari": "2.7", "albumentations": "2.0.8", "timm": "1.0.31",
-       "pyarrow": "26.0.1", "faiss-cpu": "1.15.1"}
+       "pyarrow": "26.0.1", "faiss-cpu": "1.15.1", "transformers": "5.23.0", "accelerate": "1.15.0"}
 
 
 def test_setup_cell_is_the_same_everywhere_and_installs_only_what_is_missing(monkeypatch):
@@ -206,6 +206,8 @@ def test_setup_cell_is_the_same_everywhere_and_installs_only_what_is_missing(mon
     del colab["fontpkg-noto-sans-devanagari"]
     assert _run_setup(monkeypatch, colab, imported_matplotlib=False) == [
         "install -q 'matplotlib>=3.11' 'fontpkg-noto-sans-devanagari>=2.7'"]
+    older = dict(NEW, transformers="4.57.1")  # distillation and the CLIP towers need transformers 5
+    assert _run_setup(monkeypatch, older, imported_matplotlib=False) == ["install -q 'transformers>=5.0'"]
     with pytest.raises(RuntimeError, match="Restart session"):
         _run_setup(monkeypatch, colab, imported_matplotlib=True)
 

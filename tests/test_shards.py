@@ -1,9 +1,11 @@
 """Data at scale: webdataset shards round-trip a table, every process streams the same number of batches,
 fit trains from shards, and the decode-once cache gives the pixels decoding gives."""
 import dataclasses
+import io
 import json
 import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +14,7 @@ import torch
 
 import clip_utils as cu
 from clip_utils.shards import _samples
+from clip_utils.shards import _ShardStream as ShardStream
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def test_shards_round_trip_the_table(shards):
     ids = {}
     for s in samples:
         meta = json.loads(s["json"])
-        assert s["png"] == open(meta["image"], "rb").read()  # the file's own bytes
+        assert s["png"] == Path(meta["image"]).read_bytes()  # the file's own bytes
         assert ids.setdefault(meta["image"], meta["image_id"]) == meta["image_id"]  # one id per image...
     assert len(set(ids.values())) == len(ids)  # ...and a different one for each
 
@@ -52,27 +55,33 @@ def test_the_webdataset_library_reads_our_shards(shards):
     assert np.array_equal(samples[0]["png"], cu.load_image(json.loads(first["json"])["image"]))  # the same pixels
 
 
-@pytest.mark.parametrize("world, workers, rows_per_shard", [(1, 0, 40), (2, 0, 40), (3, 2, 40), (2, 2, 200)])
-def test_every_process_streams_the_same_number_of_full_batches(synthetic, tiny_cfg, tmp_path, world, workers,
-                                                               rows_per_shard):
-    """Uneven shards (the last is short), fewer shards than readers (2 shards, 2 x 2 readers), workers."""
+@pytest.mark.parametrize("world, workers, rows_per_shard, rows, batch_size", [
+    (1, 0, 40, None, 6), (2, 0, 40, None, 6), (3, 2, 40, None, 6),  # uneven shards: the last is short
+    (2, 2, 200, None, 6),  # 2 shards for 2 x 2 readers: every reader keeps every 4th sample
+    (4, 0, 3, 9, 4),  # 3 shards of 3 rows for 4 readers: the 4th reader's samples lie in no single shard
+])
+def test_every_process_streams_the_same_number_of_batches_and_no_row_twice(synthetic, tiny_cfg, tmp_path, world,
+                                                                           workers, rows_per_shard, rows, batch_size):
     _, train, _, _ = synthetic
-    cfg = dataclasses.replace(tiny_cfg, batch_size=6)
-    folder = cu.write_shards(train, tmp_path, cfg, rows_per_shard=rows_per_shard)
+    table = train.head(rows) if rows else train
+    cfg = dataclasses.replace(tiny_cfg, batch_size=batch_size)
+    folder = cu.write_shards(table, tmp_path, cfg, rows_per_shard=rows_per_shard)
     _, tokenizer = cu.build_model(cfg, captions=train["caption"])
     counts, seen = [], Counter()
     for rank in range(world):
-        loader = cu.stream_loader(folder, tokenizer, cfg, rank, world, epoch=1)
-        loader = torch.utils.data.DataLoader(loader.dataset, batch_size=None, num_workers=workers)
-        batches = list(loader)
-        assert all(len(b["input_ids"]) == 6 // world for b in batches)
+        transform = cu.image_transforms(cfg, train=True)
+        stream = ShardStream(folder, tokenizer, cfg, rank, world, 1, transform, workers)
+        batches = list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers))
+        assert len(batches) == len(stream) > 0
+        assert all(len(b["input_ids"]) == batch_size // world for b in batches)
         assert all(b["images"].shape[-1] == cfg.image_size for b in batches)
         counts.append(len(batches))
-        seen.update(int(i) for b in batches for i in b["image_ids"])
-    assert counts == [len(train) // 6] * world
-    # An epoch reads (nearly) every row once: shares are whole shards or every world-th sample.
-    assert sum(seen.values()) == len(train) // 6 * 6
-    assert len(seen) >= 0.9 * train["image"].nunique()
+        seen.update((int(i), tuple(t[m.bool()].tolist())) for b in batches
+                    for i, t, m in zip(b["image_ids"], b["input_ids"], b["attention_mask"]))
+    assert len(set(counts)) == 1  # the same number of batches on every process
+    assert max(seen.values()) == 1  # no row twice in an epoch
+    readers = world * max(workers, 1)
+    assert sum(seen.values()) >= len(table) - readers * (batch_size // world + rows_per_shard)  # and few left out
 
 
 def test_each_epoch_streams_another_order(shards, tiny_cfg, tiny_model):
@@ -127,3 +136,18 @@ def test_fit_with_the_cache_repeats_fit_without(synthetic, tiny_cfg, tmp_path):
         histories.append(cu.fit(model, tokenizer, train, val, cfg))
     columns = ["train_loss", "val_loss", "temperature"]
     pd.testing.assert_frame_equal(histories[0][columns], histories[1][columns])
+
+
+def test_shards_are_rewritten_only_for_another_table_and_max_side_shrinks_photos(synthetic, tiny_cfg, tmp_path):
+    _, train, _, _ = synthetic
+    table = train.head(20)
+    folder = cu.write_shards(table, tmp_path, tiny_cfg, rows_per_shard=8)
+    stamp = (folder / "index.json").stat().st_mtime_ns
+    cu.write_shards(table, tmp_path, tiny_cfg, rows_per_shard=8)  # the same table: kept
+    assert (folder / "index.json").stat().st_mtime_ns == stamp
+    cu.write_shards(train.head(12), tmp_path, tiny_cfg, rows_per_shard=8)  # another table: written again
+    assert cu.read_index(folder)["rows"] == 12 and len(list(folder.glob("shard-*.tar"))) == 2
+    small = cu.write_shards(table, tmp_path / "small", tiny_cfg, max_side=40)
+    photos = [s["jpg"] for s in _all_samples(small)]
+    assert len(photos) == 20
+    assert all(min(cu.load_image(io.BytesIO(p)).shape[:2]) == 40 for p in photos)  # 96 px scenes, shorter side 40
