@@ -162,7 +162,7 @@ def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True, name: 
 
 
 def image_transforms(cfg: Config, train: bool, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                     crop_pct: float | None = None, interpolation: str = "bilinear"):
+                     crop_pct: float | None = None, interpolation: str = "bilinear", normalize: bool = True):
     """Albumentations pipeline: light, caption-safe augmentation for training; resize + normalise for eval.
 
     No flips and no hue changes: captions say "left", "right" and name colours. Evaluation with
@@ -174,6 +174,8 @@ def image_transforms(cfg: Config, train: bool, mean=(0.485, 0.456, 0.406), std=(
         train: augment (always the square resize the towers were trained on here).
         mean, std: the image encoder's normalisation.
         crop_pct, interpolation: the tower's own crop fraction and resampling (timm's pretrained config).
+        normalize: end with Normalize and a (3, H, W) float tensor; False keeps (H, W, 3) uint8 pixels,
+            which the image encoder normalises on its device (normalization_table: the same numbers).
     """
     import albumentations as A
     import cv2
@@ -192,8 +194,21 @@ def image_transforms(cfg: Config, train: bool, mean=(0.485, 0.456, 0.406), std=(
         steps += [A.Affine(scale=(0.9, 1.1), translate_percent=(-0.04, 0.04), rotate=(-5, 5),
                            border_mode=1, p=0.7),  # replicate border: no black wedges
                   A.RandomBrightnessContrast(0.1, 0.1, p=0.5)]
-    steps += [A.Normalize(mean=mean, std=std), ToTensorV2()]
+    if normalize:
+        steps += [A.Normalize(mean=mean, std=std), ToTensorV2()]
     return A.Compose(steps, seed=cfg.seed)
+
+
+def normalization_table(mean, std) -> torch.Tensor:
+    """(3, 256) float32: what albumentations' Normalize turns each uint8 level of each channel into.
+
+    Applied on the model's device (ImageEncoder), it gives exactly the numbers per-image
+    normalisation in the loader would, while the loader ships 4x fewer bytes and skips that work.
+    """
+    import albumentations as A
+
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3)
+    return torch.from_numpy(A.Normalize(mean=mean, std=std)(image=levels)["image"][:, 0, :].T.copy())  # (3, 256)
 
 
 def _training_pixels(path, size: int) -> np.ndarray:
@@ -301,7 +316,11 @@ def _collate(batch, tokenizer, max_length: int) -> dict:
     images, captions, image_ids = zip(*batch)
     tokens = tokenizer(list(captions), padding="longest", truncation=True, max_length=max_length,
                        return_tensors="pt")
-    return dict(images=torch.stack(images), input_ids=tokens["input_ids"],
+    if isinstance(images[0], np.ndarray):  # training: uint8 (H, W, 3), normalised by the image encoder
+        images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W), channels-last in memory
+    else:
+        images = torch.stack(images)  # (B, 3, H, W) float, normalised here
+    return dict(images=images, input_ids=tokens["input_ids"],
                 attention_mask=tokens["attention_mask"], image_ids=torch.tensor(image_ids))
 
 
@@ -329,7 +348,8 @@ def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None
         warnings.warn(f"{(lengths > cfg.max_length).sum()} of {len(lengths)} captions are longer than "
                       f"max_length={cfg.max_length} tokens (longest {lengths.max()}) and will be truncated",
                       stacklevel=2)
-    dataset = _PairDataset(df, cfg, image_transforms(cfg, train, **norm))
+    # Training batches carry uint8 pixels: the encoder normalises them where the model runs.
+    dataset = _PairDataset(df, cfg, image_transforms(cfg, train, normalize=not train, **norm))
     if train and cfg.image_cache:  # evaluation keeps decoding: its crop needs the photo's own aspect ratio
         dataset.cache = cache_images([_resolve(p, cfg) for p in dataset.images], cfg)
     cuda = _device(cfg).type == "cuda"

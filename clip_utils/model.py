@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config, _seed_everything
+from .data import normalization_table
 from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
 
 
@@ -19,13 +20,14 @@ def _is_transformers_clip(name: str) -> bool:
 
 class ImageEncoder(nn.Module):
     """Any timm backbone with its classifier removed, or a transformers CLIP vision tower:
-    images (B, 3, H, W) -> pooled features (B, F)."""
+    images (B, 3, H, W), normalised floats or uint8 pixels (normalised here) -> pooled features (B, F)."""
 
     def __init__(self, cfg: Config, model=None):
         super().__init__()
         self.from_transformers = model is not None or _is_transformers_clip(cfg.image_model)
         if self.from_transformers:
             self._init_transformers_clip(cfg, model)
+            self.register_buffer("pixel_table", normalization_table(self.mean, self.std), persistent=False)
             return
         import timm
 
@@ -38,6 +40,8 @@ class ImageEncoder(nn.Module):
         data_cfg = timm.data.resolve_data_config({}, model=self.model)
         self.mean, self.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])  # the encoder's own
         self.crop_pct, self.interpolation = data_cfg["crop_pct"], data_cfg["interpolation"]  # its eval crop
+        # uint8 level -> normalised value per channel, (3, 256); not saved: it follows from mean and std
+        self.register_buffer("pixel_table", normalization_table(self.mean, self.std), persistent=False)
         if cfg.image_pretrained and data_cfg["input_size"][-1] != cfg.image_size:
             warnings.warn(f"{cfg.image_model} was pretrained at {data_cfg['input_size'][-1]} px but "
                           f"cfg.image_size is {cfg.image_size}; set image_size to match its pretraining")
@@ -58,6 +62,9 @@ class ImageEncoder(nn.Module):
                              f"{cfg.image_size}: set image_size={model.config.image_size}")
 
     def forward(self, images):
+        if images.dtype == torch.uint8:  # raw pixels from a training loader: normalise here, on the device
+            channel = torch.arange(3, device=images.device).view(1, 3, 1, 1)
+            images = self.pixel_table[channel, images.long()].contiguous(memory_format=torch.channels_last)
         if self.from_transformers:
             return self.model(pixel_values=images).pooler_output  # (B, hidden)
         return self.model(images).flatten(1)  # (B, F); F = C * h * w when image_pool="flatten"

@@ -226,7 +226,8 @@ def stream_loader(folder, tokenizer, cfg: Config, rank: int = 0, world: int = 1,
     norm = {k: v for k, v in dict(mean=mean, std=std).items() if v is not None}
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     workers = cfg.num_workers if cuda else 0  # as make_loader: on a CPU the model's threads use every core
-    stream = _ShardStream(folder, tokenizer, cfg, rank, world, epoch, image_transforms(cfg, True, **norm), workers)
+    transform = image_transforms(cfg, True, normalize=False, **norm)  # uint8 pixels: the encoder normalises
+    stream = _ShardStream(folder, tokenizer, cfg, rank, world, epoch, transform, workers)
     if len(stream) == 0:
         raise ValueError(f"{folder} holds {read_index(folder)['rows']} rows in {len(stream.shards)} shards: too "
                          f"few to give each of {world} process(es) x {max(workers, 1)} reader(s) one batch of "

@@ -117,11 +117,34 @@ def test_loader_workers_augment_reproducibly(synthetic, tiny_model, tiny_cfg):
     dataset = cu.make_loader(synthetic[1].head(8), tokenizer, tiny_cfg, train=True).dataset
 
     def first_epoch(seed):
+        def images(items):
+            return torch.stack([torch.as_tensor(item[0]) for item in items])
+
         loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=cu.data._seed_worker,
-                                             generator=torch.Generator().manual_seed(seed),
-                                             collate_fn=lambda items: torch.stack([item[0] for item in items]))
+                                             generator=torch.Generator().manual_seed(seed), collate_fn=images)
         return list(loader)
 
     a, b, c = first_epoch(0), first_epoch(0), first_epoch(1)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_training_batches_carry_uint8_pixels_that_the_encoder_normalises_exactly(synthetic, tiny_model, tiny_cfg):
+    """The loader ships raw pixels; the encoder's table gives bit for bit what per-image Normalize gives."""
+    model, tokenizer = tiny_model
+    encoder = model.image_encoder.eval()
+    batch = next(iter(cu.make_loader(synthetic[1].head(8), tokenizer, tiny_cfg, train=True)))
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape[1] == 3
+    assert batch["images"].is_contiguous(memory_format=torch.channels_last)
+    norm = dict(mean=encoder.mean, std=encoder.std)
+    floats, raw = (cu.image_transforms(tiny_cfg, True, normalize=normalize, **norm) for normalize in (True, False))
+    image = cu.load_image(synthetic[1]["image"].iloc[0], max_side=tiny_cfg.image_size)
+    floats.set_random_seed(3)
+    raw.set_random_seed(3)  # the same augmentation draws: Normalize draws nothing
+    expected = floats(image=image)["image"][None]  # (1, 3, H, W) float
+    pixels = torch.from_numpy(raw(image=image)["image"]).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    channel = torch.arange(3).view(1, 3, 1, 1)
+    assert torch.equal(encoder.pixel_table[channel, pixels.long()], expected)
+    with torch.no_grad():
+        assert torch.equal(encoder(pixels.contiguous(memory_format=torch.channels_last)),
+                           encoder(expected.contiguous(memory_format=torch.channels_last)))
