@@ -65,7 +65,7 @@ def _caption_lines(path, language: str):
 
 
 def _karpathy_paths(karpathy_json, image_root) -> dict[int, str]:
-    """COCO id -> absolute photo path, from the Karpathy split file's filepath/filename."""
+    """COCO id -> absolute photo path of the photos on disk, from the Karpathy split file's filepath/filename."""
     with open(karpathy_json, encoding="utf-8") as f:
         images = json.load(f).get("images")
     if not images:
@@ -73,6 +73,15 @@ def _karpathy_paths(karpathy_json, image_root) -> dict[int, str]:
                          f"({COCO35L_URLS['karpathy']})")
     root = os.path.abspath(image_root)
     return {int(im["cocoid"]): os.path.join(root, im["filepath"], im["filename"]) for im in images}
+
+
+def _photos(karpathy_json, image_root) -> tuple[dict[int, str], dict[str, set]]:
+    """(COCO id -> photo path, folder -> names on disk): read once, used for every caption file."""
+    paths = _karpathy_paths(karpathy_json, image_root)
+    # one listing per folder, not one stat per caption: the train split has ~113k photos
+    on_disk = {folder: set(os.listdir(folder)) if os.path.isdir(folder) else set()
+               for folder in {os.path.dirname(p) for p in paths.values()}}
+    return paths, on_disk
 
 
 def load_coco35l(captions_jsonl, karpathy_json, image_root, language: str = "hi") -> pd.DataFrame:
@@ -88,14 +97,16 @@ def load_coco35l(captions_jsonl, karpathy_json, image_root, language: str = "hi"
         image_root: the folder holding train2014/ and val2014/.
         language: a code of COCO35L_LANGUAGES, e.g. "hi".
     """
+    return _mapped(captions_jsonl, _photos(karpathy_json, image_root), karpathy_json, image_root, language)
+
+
+def _mapped(captions_jsonl, photos, karpathy_json, image_root, language: str) -> pd.DataFrame:
+    """load_coco35l with the photos already listed (prepare_coco35l reads the Karpathy file once for both splits)."""
     rows, languages = _caption_lines(captions_jsonl, language)
     if not rows:
         raise ValueError(f"{captions_jsonl} has no {language!r} captions; its languages are "
                          f"{', '.join(sorted(languages)) or 'none (empty file)'}")
-    paths = _karpathy_paths(karpathy_json, image_root)
-    # one listing per folder, not one stat per caption: the train split has ~113k photos
-    on_disk = {folder: set(os.listdir(folder)) if os.path.isdir(folder) else set()
-               for folder in {os.path.dirname(p) for p in paths.values()}}
+    paths, on_disk = photos
     kept, unknown, missing = [], [], []
     for coco_id, caption, english in rows:
         path = paths.get(coco_id)
@@ -171,7 +182,8 @@ def prepare_coco35l(data_dir, language: str = "hi", val_frac: float = 0.5, seed:
     def make():
         paths = download_coco35l(data_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        train, dev = (load_coco35l(paths[split], paths["karpathy"], paths["images"], language)
+        photos = _photos(paths["karpathy"], paths["images"])
+        train, dev = (_mapped(paths[split], photos, paths["karpathy"], paths["images"], language)
                       for split in ("train", "dev"))
         shared = train["image"].isin(set(dev["image"]))
         if shared.any():

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from .config import Config
-from .data import _collate, _resolve, clean_table, image_transforms, load_image
+from .data import _collate, _loader_workers, _resolve, clean_table, image_transforms, load_image
 
 # A shard is a plain tar file: for each caption row, "<key>.jpg" (or the photo's own suffix: .png, .webp)
 # holding the image file's bytes, "<key>.txt" the caption and "<key>.json" {"image_id", "image"}, members of
@@ -224,8 +224,7 @@ def stream_loader(folder, tokenizer, cfg: Config, rank: int = 0, world: int = 1,
         mean, std: the image encoder's normalisation (defaults to ImageNet's).
     """
     norm = {k: v for k, v in dict(mean=mean, std=std).items() if v is not None}
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    workers = cfg.num_workers if cuda else 0  # as make_loader: on a CPU the model's threads use every core
+    workers, cuda = _loader_workers(cfg)
     transform = image_transforms(cfg, True, normalize=False, **norm)  # uint8 pixels: the encoder normalises
     stream = _ShardStream(folder, tokenizer, cfg, rank, world, epoch, transform, workers)
     if len(stream) == 0:
