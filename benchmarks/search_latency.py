@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import clip_utils as cu  # noqa: E402
-from clip_utils.index import exact_top_k  # noqa: E402
+from clip_utils.scale.index import exact_top_k  # noqa: E402
 
 QUERIES = ["घास पर कुत्ता", "पानी में खेलते बच्चे", "एक बड़ा लाल त्रिभुज", "सड़क पर साइकिल चलाता आदमी",
            "बर्फ़ से ढके पहाड़", "समुद्र किनारे दौड़ती लड़की"]

@@ -1,9 +1,10 @@
 """clip_utils: a Hindi CLIP, from data to zero-shot, in small rooms read in teaching order.
 
-config -> text -> synthetic (quick-mode scenes) -> translate (English->Hindi captions) ->
-downloads -> datasets (Flickr8k, XM3600) -> coco35l (COCO-35L) -> data (tables, loader, decode-once cache) ->
-shards (streaming) -> model -> losses -> train ->
-index (search at scale) -> evaluate -> plots -> checkpoints -> distill (from an English CLIP; LiT).
+The lesson: config -> text -> synthetic (quick-mode scenes) -> datasets (Flickr8k, XM3600) ->
+data (tables, loader, decode-once cache) -> model -> losses -> train -> evaluate -> plots -> checkpoints ->
+distill (from an English CLIP; LiT).
+The engine, apart in scale/: shards (streaming), coco35l (COCO-35L), index (search at scale),
+translate (English->Hindi captions), downloads (files, archives, Hub files).
 The notebooks import everything from here (`import clip_utils as cu`); nothing is copied into them.
 
 Two modes share every function; only the `Config` differs:
@@ -19,7 +20,6 @@ from .checkpoints import (
     push_to_hub,
     save_checkpoint,
 )
-from .coco35l import COCO35L_LANGUAGES, COCO35L_URLS, download_coco35l, load_coco35l, prepare_coco35l
 from .config import Config
 from .data import (
     cache_images,
@@ -49,7 +49,6 @@ from .datasets import (
     split_labelled,
 )
 from .distill import clip_from_transformers, distill_text_tower, lit_config, student_clip
-from .downloads import download, extract_archive, hub_file
 from .evaluate import (
     HINDI_TEMPLATES,
     embed_gallery,
@@ -61,21 +60,23 @@ from .evaluate import (
     top_k_scores,
     zero_shot_classify,
 )
-from .index import EXACT_UP_TO, build_index, index_kind, index_recall, load_index, save_index, search_index
 from .losses import clip_loss, soft_target_loss
 from .model import CLIPModel, ImageEncoder, ProjectionHead, TextEncoder, build_model, build_text_tower
 from .plots import plot_history, show_retrieval, show_zero_shot, use_devanagari_font
-from .shards import read_index, stream_loader, write_shards
-from .synthetic import HELD_OUT_PAIRS, make_synthetic_dataset, prepare_quick_data, synthetic_classes
-from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
-from .train import fit, make_optimizer, train_step
-from .translate import (
+from .scale.coco35l import COCO35L_LANGUAGES, COCO35L_URLS, download_coco35l, load_coco35l, prepare_coco35l
+from .scale.downloads import download, extract_archive, hub_file
+from .scale.index import EXACT_UP_TO, build_index, index_kind, index_recall, load_index, save_index, search_index
+from .scale.shards import read_index, stream_loader, write_shards
+from .scale.translate import (
     DEFAULT_TRANSLATOR,
     read_english_captions,
     read_translations,
     translate_captions,
     translation_quality,
 )
+from .synthetic import HELD_OUT_PAIRS, make_synthetic_dataset, prepare_quick_data, synthetic_classes
+from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
+from .train import fit, make_optimizer, train_step
 
 __all__ = [
     "Config",

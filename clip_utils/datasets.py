@@ -13,10 +13,10 @@ import pandas as pd
 
 from .config import Config
 from .data import _cached_splits
-from .downloads import _fetch, download, hub_file
+from .scale.downloads import _fetch, download, hub_file
+from .scale.translate import DEFAULT_TRANSLATOR, translate_captions
 from .synthetic import prepare_quick_data
 from .text import normalize_caption
-from .translate import DEFAULT_TRANSLATOR, translate_captions
 
 # Full mode trains on Flickr8k photos with (machine-translated) Hindi captions and
 # evaluates on XM3600's human-written Hindi captions. Downloads resume and verify;

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data import _resolve, clean_table, image_transforms, load_image
-from .index import build_index, index_kind, load_index, save_index, search_index
 from .model import CLIPModel
+from .scale.index import build_index, index_kind, load_index, save_index, search_index
 from .text import normalize_caption
 
 

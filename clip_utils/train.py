@@ -20,7 +20,7 @@ from .data import clean_table, make_loader, similar_batches
 from .evaluate import encode_images
 from .losses import clip_loss, soft_target_loss
 from .model import CLIPModel
-from .shards import read_index, stream_loader, write_shards
+from .scale.shards import read_index, stream_loader, write_shards
 
 
 def _batch_loss(model, batch: dict, cfg: Config):
@@ -382,7 +382,7 @@ def main(argv=None) -> None:
         if args.train_csv:
             train_df, val_df, test_df = pd.read_csv(args.train_csv), pd.read_csv(args.val_csv), None
         elif args.data == "coco35l" and cfg.mode == "full":
-            from .coco35l import prepare_coco35l
+            from .scale.coco35l import prepare_coco35l
 
             train_df, val_df, test_df = prepare_coco35l(args.data_dir or "data/coco35l", args.language)
         else:

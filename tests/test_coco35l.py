@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import clip_utils as cu
-from clip_utils import coco35l
+from clip_utils.scale import coco35l
 
 # (cocoid, folder): four photos; 318219's file is never written (missing on disk)
 PHOTOS = {391895: "val2014", 522418: "val2014", 184613: "train2014", 318219: "train2014"}

@@ -153,10 +153,10 @@ def test_mirror_folder_serves_the_archives(tmp_path, monkeypatch):
     with zipfile.ZipFile(tmp_path / "captions.zip", "w") as zf:
         zf.writestr("captions.jsonl", "")
     monkeypatch.setenv("CLIP_HINDI_MIRROR", str(tmp_path))
-    cu.downloads._fetch(cu.XM3600_URLS["captions"], tmp_path / "xm")
+    cu.scale.downloads._fetch(cu.XM3600_URLS["captions"], tmp_path / "xm")
     assert (tmp_path / "xm" / "captions.jsonl").exists() and (tmp_path / "xm" / "downloads" / "captions.zip").exists()
     with pytest.raises(FileNotFoundError, match="has no images.tgz"):
-        cu.downloads._fetch(cu.XM3600_URLS["images"], tmp_path / "xm")
+        cu.scale.downloads._fetch(cu.XM3600_URLS["images"], tmp_path / "xm")
 
 
 # -- the notebooks' setup cell ----------------------------------------------------

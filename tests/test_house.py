@@ -6,17 +6,24 @@ from pathlib import Path
 import clip_utils as cu
 
 ROOT = Path(__file__).resolve().parents[1]
-ROOMS = sorted((ROOT / "clip_utils").glob("*.py"))
+ROOMS = sorted((ROOT / "clip_utils").rglob("*.py"))
+
+
+def _name(path: Path) -> str:
+    """A room's name inside the package: `data`, or `scale.shards` for an engine room."""
+    return ".".join(path.relative_to(ROOT / "clip_utils").with_suffix("").parts)
 
 
 def _imports_of(path: Path) -> set[str]:
-    """The sibling rooms a room imports (`from .data import ...`)."""
+    """The rooms a room imports (`from .data import ...`, `from ..data import ...` in the engine)."""
+    package = _name(path).split(".")[:-1]
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+    return {".".join(package[: len(package) - node.level + 1] + [node.module]) for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level and node.module}
 
 
 def test_rooms_import_one_way_without_cycles():
-    graph = {room.stem: _imports_of(room) for room in ROOMS if room.stem != "__init__"}
+    graph = {_name(room): _imports_of(room) for room in ROOMS if room.stem != "__init__"}
     seen, done = set(), set()
 
     def visit(room, path):

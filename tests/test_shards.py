@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import clip_utils as cu
-from clip_utils.shards import _samples
-from clip_utils.shards import _ShardStream as ShardStream
+from clip_utils.scale.shards import _samples
+from clip_utils.scale.shards import _ShardStream as ShardStream
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def test_translation_file_keeps_pairs_in_source_order(translator, token_file, tm
     table = cu.translate_captions(token_file, out, model_name=str(folder), **FAST)
 
     assert out.read_text(encoding="utf-8").splitlines()[0] == "image,number,english,caption,truncated"
-    assert list(table.columns) == cu.translate.TRANSLATION_COLUMNS
+    assert list(table.columns) == cu.scale.translate.TRANSLATION_COLUMNS
     expected = cu.read_english_captions(token_file)
     assert table[["image", "number", "english"]].equals(expected)  # source order, despite length-sorted batches
     assert list(table["caption"]) == [alone[e] for e in table["english"]]  # each Hindi line beside its own English
@@ -78,7 +78,7 @@ def test_translation_file_keeps_pairs_in_source_order(translator, token_file, tm
     assert len(lengths) == len(PAIRS)
     # read_captions takes the file as a Hindi caption table, and a finished file is reused without the model
     assert list(cu.read_captions(out)["caption"]) == list(table["caption"])
-    monkeypatch.setattr(cu.translate, "_load_translator", lambda *a: pytest.fail("loaded the model again"))
+    monkeypatch.setattr(cu.scale.translate, "_load_translator", lambda *a: pytest.fail("loaded the model again"))
     assert cu.translate_captions(token_file, out, model_name=str(folder), **FAST).equals(table)
 
 

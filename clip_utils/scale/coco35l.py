@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import _cached_splits, split_by_image
+from ..data import _cached_splits, split_by_image
+from ..text import normalize_caption
 from .downloads import _fetch, _mirrored, download
-from .text import normalize_caption
 
 COCO35L_URLS = {
     "train": "https://storage.googleapis.com/crossmodal-3600/coco_mt_train.jsonl.bz2",

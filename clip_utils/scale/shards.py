@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import Config
-from .data import _collate, _loader_workers, _resolve, clean_table, image_transforms, load_image
+from ..config import Config
+from ..data import _collate, _loader_workers, _resolve, clean_table, image_transforms, load_image
 
 # A shard is a plain tar file: for each caption row, "<key>.jpg" (or the photo's own suffix: .png, .webp)
 # holding the image file's bytes, "<key>.txt" the caption and "<key>.json" {"image_id", "image"}, members of

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import Config
-from .text import normalize_caption
+from ..config import Config
+from ..text import normalize_caption
 
 DEFAULT_TRANSLATOR = Config.translator  # facebook/nllb-200-distilled-600M, CC-BY-NC-4.0: see the README
 # The translation file: one row per English caption. "caption" is the Hindi text, so read_captions (which takes
