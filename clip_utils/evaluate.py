@@ -61,19 +61,25 @@ def encode_texts(model: CLIPModel, tokenizer, texts, cfg: Config, batch_size: in
 
 
 def recall_at_k(similarity: torch.Tensor, caption_to_image, ks=(1, 5, 10)) -> dict:
-    """Recall@K both ways and median ranks from a (captions, images) similarity matrix.
+    """Recall@K both ways and median ranks from a (captions, images) similarity matrix; ties count against.
 
-    Every caption of an image counts as correct for image-to-text (Flickr/XM3600 protocol).
+    Image-to-text counts a hit when any of the image's captions is in the top K, as CLIP_benchmark (and so
+    open_clip's multilingual table) does. A tie counts against the query: a correct item's rank is the
+    number of wrong candidates scoring at least as high as it (the worst case of every tie-breaking), so a
+    collapsed model whose scores are all equal gets R@1 = 0 and no tie can raise recall. Without ties this
+    is the usual rank. NaN or infinite scores are a ValueError.
 
     Args:
         similarity: (M, N) scores, caption m against image n.
         caption_to_image: (M,) index of each caption's image.
         ks: the K values to report.
     """
-    similarity = torch.as_tensor(similarity, dtype=torch.float32)
+    similarity = torch.as_tensor(similarity)
     if similarity.ndim != 2 or similarity.numel() == 0:
         raise ValueError(f"recall_at_k needs a non-empty (captions, images) similarity matrix, got shape "
                          f"{tuple(similarity.shape)}: is the table or gallery empty?")
+    if not similarity.is_floating_point() or similarity.dtype in (torch.float16, torch.bfloat16):
+        similarity = similarity.float()  # half precision widens exactly: no new ties; float64 stays float64
     caption_to_image = torch.tensor(np.asarray(caption_to_image), dtype=torch.long)
     n_captions, n_images = similarity.shape
     if caption_to_image.shape != (n_captions,):
@@ -87,14 +93,22 @@ def recall_at_k(similarity: torch.Tensor, caption_to_image, ks=(1, 5, 10)) -> di
     bad_ks = [k for k in ks if not (isinstance(k, (int, np.integer)) and k >= 1)]
     if bad_ks:
         raise ValueError(f"recall_at_k: every k in ks must be an integer >= 1, got {bad_ks}")
+    not_finite = ~torch.isfinite(similarity)
+    if not_finite.any():  # NaN compares false with everything: it would rank a broken model first
+        m, n = (int(i) for i in not_finite.nonzero()[0])
+        n_nan = int(torch.isnan(similarity).sum())
+        cause = {0: "infinite", int(not_finite.sum()): "NaN"}.get(n_nan, "NaN or infinite")
+        raise ValueError(f"recall_at_k: {int(not_finite.sum())} of the {similarity.numel()} scores are {cause} "
+                         f"(e.g. caption {m} against image {n}: {similarity[m, n].item()}); the model's weights or "
+                         "embeddings are broken (check them with torch.isfinite), so no recall can be measured")
     correct = torch.zeros(n_captions, n_images, dtype=torch.bool)  # (M, N)
     correct[torch.arange(n_captions), caption_to_image] = True
-    # Rank = how many candidates score strictly higher than the best correct one (0 = top).
+    # Rank = how many wrong candidates score at least as high as the best correct one (0 = top): ties count against.
     t2i_best = similarity.masked_fill(~correct, -math.inf).max(1).values  # (M,)
-    t2i_rank = (similarity > t2i_best[:, None]).sum(1)  # (M,)
+    t2i_rank = ((similarity >= t2i_best[:, None]) & ~correct).sum(1)  # (M,)
     sim_t = similarity.T  # (N, M)
     i2t_best = sim_t.masked_fill(~correct.T, -math.inf).max(1).values  # (N,)
-    i2t_rank = (sim_t > i2t_best[:, None]).sum(1)  # (N,)
+    i2t_rank = ((sim_t >= i2t_best[:, None]) & ~correct.T).sum(1)  # (N,)
     has_caption = correct.any(0)  # images without captions cannot be scored image-to-text
     i2t_rank = i2t_rank[has_caption]
     metrics = {}
