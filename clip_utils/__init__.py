@@ -29,6 +29,7 @@ from .data import (
     make_loader,
     similar_batches,
     split_by_image,
+    table_source,
 )
 from .datasets import (
     CATS_VS_DOGS,
@@ -88,7 +89,7 @@ __all__ = [
     "COCO35L_URLS", "COCO35L_LANGUAGES", "load_coco35l", "download_coco35l", "prepare_coco35l",
     "CATS_VS_DOGS", "CATS_VS_DOGS_HINDI", "labelled_folder", "download_cats_vs_dogs", "split_labelled",
     "DEFAULT_TRANSLATOR", "read_english_captions", "translate_captions", "read_translations", "translation_quality",
-    "split_by_image", "clean_table", "load_image", "image_transforms", "make_loader", "cache_images",
+    "split_by_image", "table_source", "clean_table", "load_image", "image_transforms", "make_loader", "cache_images",
     "write_shards", "read_index", "stream_loader",
     "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model", "build_text_tower",
     "clip_loss", "soft_target_loss",

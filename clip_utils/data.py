@@ -2,6 +2,7 @@
 augmentation, the decode-once cache, the DataLoader and hard-negative batches."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import uuid
@@ -57,22 +58,41 @@ def split_by_image(df: pd.DataFrame, val_frac: float = 0.1, test_frac: float = 0
     return splits
 
 
-def _cached_splits(data_dir, make):
+def _cached_splits(data_dir, make, source: dict):
     """(train, val, test) from data_dir/{train,val,test}.csv, or from make() once, then written there.
 
-    Image paths are stored relative to the CSV's folder when they lie inside it (absolute otherwise) and
-    come back absolute, so the tables work from any working directory and survive moving the folder.
+    `source` says where the captions come from (a file with its size and hash, a URL or Hub file, a translator,
+    a generator and its seed; "what" says it in words). It is kept beside the tables as source.json, and tables
+    from another source (or from before sources were kept) are built afresh: naming a new caption file takes
+    effect. Image paths are stored relative to the CSV's folder when they lie inside it (absolute otherwise)
+    and come back absolute, so the tables work from any working directory and survive moving the folder.
     """
     folder = os.path.abspath(data_dir)
     paths = [Path(folder) / f"{name}.csv" for name in ("train", "val", "test")]
-    if all(p.exists() for p in paths):
+    record = Path(folder) / "source.json"
+    source = json.loads(json.dumps(source))  # as it reads back: tuples become lists
+    if all(p.exists() for p in paths) and _stored_source(folder) == source:
         splits = [pd.read_csv(p) for p in paths]
         return tuple(df.assign(image=[os.path.join(folder, im) for im in df["image"]]) for df in splits)
     splits = [df.assign(image=[os.path.abspath(im) for im in df["image"]]) for df in make()]
+    record.unlink(missing_ok=True)  # written last: tables half rewritten never pass for the new source
     for part, path in zip(splits, paths):
         inside = [os.path.relpath(im, folder) if im.startswith(folder + os.sep) else im for im in part["image"]]
         part.assign(image=inside).to_csv(path, index=False)
+    record.write_text(json.dumps(source, ensure_ascii=False, indent=1), encoding="utf-8")
     return tuple(splits)
+
+
+def _stored_source(data_dir) -> dict | None:
+    """The source.json kept beside cached tables (see _cached_splits), or None."""
+    record = Path(data_dir) / "source.json"
+    return json.loads(record.read_text(encoding="utf-8")) if record.exists() else None
+
+
+def table_source(data_dir) -> str:
+    """Where the cached tables in data_dir took their captions from, in words (the notebooks print it)."""
+    source = _stored_source(data_dir)
+    return source["what"] if source else f"unknown: no source.json in {data_dir} (tables not built here yet)"
 
 
 def _resolve(path, cfg: Config) -> str:

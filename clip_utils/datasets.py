@@ -232,7 +232,32 @@ def prepare_full_data(data_dir, captions="", translator: str = DEFAULT_TRANSLATO
         table = read_captions(source) if source else flickr8k_machine_captions(root, data_dir, translator)
         return load_flickr8k(root, table)
 
-    return _cached_splits(data_dir, make)
+    return _cached_splits(data_dir, make, _caption_source(captions, translator))
+
+
+def _caption_source(captions, translator: str) -> dict:
+    """Where prepare_full_data's captions come from, as _cached_splits keeps it: tables from another source rebuild.
+
+    A local file is known by its path, size and SHA-256 (an edited file is a new source); a URL or Hub file by
+    its address; no file by the translator that makes the captions from Flickr8k's English.
+    """
+    captions = str(captions or "")
+    if not captions:
+        return dict(captions="translation", translator=translator, english="Flickr8k.token.txt",
+                    what=f"Flickr8k's English captions machine-translated by {translator}")
+    if captions.startswith(("http://", "https://", "hf://")):
+        return dict(captions=captions, what=f"the caption file {captions}")
+    path = Path(captions).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file {captions} not found (CAPTIONS / CLIP_HINDI_CAPTIONS): give a "
+                                "local file, an http(s) URL or hf://datasets/<owner>/<name>/<file>")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    size = path.stat().st_size
+    return dict(captions=str(path), bytes=size, sha256=digest.hexdigest(),
+                what=f"the caption file {path} ({size:,} bytes, sha256 {digest.hexdigest()[:12]})")
 
 
 def prepare_data(cfg: Config, data_dir, captions=None):

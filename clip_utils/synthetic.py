@@ -237,9 +237,6 @@ def prepare_quick_data(data_dir, n_images: int = 1200, seed: int = 0):
         df = make_synthetic_dataset(Path(data_dir) / "images", n_images=n_images, seed=seed)
         return split_by_image(df, val_frac=0.1, test_frac=0.0, seed=seed, force_test=df["held_out"])
 
-    splits = _cached_splits(data_dir, make)
-    if "english" not in splits[0]:  # cached before the English captions existed: draw again (same scenes)
-        for name in ("train", "val", "test"):
-            (Path(data_dir) / f"{name}.csv").unlink()
-        splits = _cached_splits(data_dir, make)
-    return splits
+    source = dict(captions="synthetic", n_images=n_images, seed=seed,
+                  what=f"synthetic scenes drawn by clip_utils ({n_images:,} images, seed {seed})")
+    return _cached_splits(data_dir, make, source)  # tables kept before sources were (no English column) redraw

@@ -1,4 +1,6 @@
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -34,6 +36,16 @@ def test_held_out_pairs_stay_out_of_training(tmp_path):
     for colour, shape in cu.HELD_OUT_PAIRS:
         word = f"{colour} {shape}"
         assert not train["caption"].str.contains(word).any()
+
+
+def test_quick_tables_are_redrawn_for_other_settings_and_say_where_they_came_from(tmp_path):
+    train, _, _ = cu.prepare_quick_data(tmp_path, n_images=60, seed=3)
+    assert cu.table_source(tmp_path) == "synthetic scenes drawn by clip_utils (60 images, seed 3)"
+    (tmp_path / "images" / Path(train["image"][0]).name).unlink()  # only a rebuild would draw it again
+    again, _, _ = cu.prepare_quick_data(tmp_path, n_images=60, seed=3)
+    assert list(again["caption"]) == list(train["caption"]) and not Path(train["image"][0]).exists()
+    more, _, _ = cu.prepare_quick_data(tmp_path, n_images=90, seed=3)  # was silently the 60-image tables
+    assert more["image"].nunique() > train["image"].nunique() and "90 images" in cu.table_source(tmp_path)
 
 
 def test_split_by_image_keeps_images_in_one_split(synthetic):

@@ -125,11 +125,12 @@ def test_cached_tables_work_from_any_folder(tmp_path, monkeypatch):
     (tmp_path / "data" / "images").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "data" / "images" / "a.png")
     table = pd.DataFrame({"image": ["data/images/a.png"], "caption": ["एक लाल गोला"]})  # relative to the cwd
-    first = cu.data._cached_splits("data", lambda: (table, table, table))
+    source = dict(captions="a table", what="a one-row table")
+    first = cu.data._cached_splits("data", lambda: (table, table, table), source)
     assert first[0]["image"][0] == str(tmp_path / "data" / "images" / "a.png")
     assert pd.read_csv(tmp_path / "data" / "train.csv")["image"][0] == str(Path("images") / "a.png")
     monkeypatch.chdir(tmp_path / "data")  # a notebook's folder
-    again = cu.data._cached_splits(tmp_path / "data", lambda: pytest.fail("rebuilt"))
+    again = cu.data._cached_splits(tmp_path / "data", lambda: pytest.fail("rebuilt"), source)
     assert Path(again[0]["image"][0]).exists()
 
 

@@ -65,12 +65,12 @@ def test_run_all_in_full_mode_then_a_fresh_runtime_loads_the_published_checkpoin
     # With public sources alone, notebook 01 made its captions by translation and kept their English sources ...
     machine = repo / "data" / "full" / "flickr8k_hindi_machine.csv"
     assert machine.exists() and "english" in pd.read_csv(repo / "data" / "full" / "train.csv").columns
-    # ... and with a caption file of the user's (CLIP_HINDI_CAPTIONS) it reads that file instead.
-    for table in (repo / "data" / "full").glob("*.csv"):
-        table.unlink()
+    # ... and naming a caption file of the user's afterwards (CLIP_HINDI_CAPTIONS) builds the tables from that file.
     captions = {**env, "CLIP_HINDI_CAPTIONS": str(fixture / "flickr8k_hindi_captions.txt")}
     result = subprocess.run([sys.executable, "-c", EXECUTE, str(repo / "notebooks" / "01_prepare_data.ipynb"),
                              str(tmp_path / "01_prepare_data.ipynb")], env=captions, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     train = pd.read_csv(repo / "data" / "full" / "train.csv")
     assert "english" not in train.columns and train["caption"].str.contains("घास पर दौड़ रहा है").any()
+    assert f"Their captions: the caption file {fixture / 'flickr8k_hindi_captions.txt'}" in _outputs(
+        tmp_path / "01_prepare_data.ipynb")

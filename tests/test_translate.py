@@ -189,3 +189,38 @@ def test_full_mode_reads_a_hub_caption_file_first(tmp_path, monkeypatch, flickr_
     monkeypatch.setattr(cu.datasets, "download_flickr8k", lambda data_dir: pytest.fail("downloaded photos first"))
     with pytest.raises(Exception, match="missing.csv|offline|cache"):
         cu.prepare_data(cu.Config.full(), tmp_path / "data2")
+
+
+def test_naming_a_caption_file_after_a_run_without_one_builds_tables_from_that_file(translator, flickr_root, tmp_path,
+                                                                                    monkeypatch):
+    folder, alone = translator
+    cfg, data = cu.Config.full(translator=str(folder)), tmp_path / "data"
+    builds = []
+    monkeypatch.setattr(cu.datasets, "download_flickr8k", lambda data_dir: builds.append(1) or flickr_root)
+    monkeypatch.delenv("CLIP_HINDI_CAPTIONS", raising=False)
+    with pytest.warns(UserWarning, match="missing"):
+        translated, _, _ = cu.prepare_data(cfg, data)  # a first run with public sources alone
+    assert "english" in translated
+    assert cu.table_source(data) == f"Flickr8k's English captions machine-translated by {folder}"
+
+    mine = tmp_path / "mine.csv"
+    shutil.copy(FIXTURES / "hindi_captions.csv", mine)
+    monkeypatch.setenv("CLIP_HINDI_CAPTIONS", str(mine))  # then the Settings form names a caption file
+    train, val, test = cu.prepare_data(cfg, data)
+    held = pd.concat([train, val, test])
+    assert "english" not in train and len(held) and set(held["caption"]) <= set(cu.read_captions(mine)["caption"])
+    assert cu.table_source(data).startswith(f"the caption file {mine.resolve()} (")
+    assert len(builds) == 2
+
+    again, _, _ = cu.prepare_data(cfg, data)  # the same file: the cached tables, nothing rebuilt
+    assert len(builds) == 2 and list(again["caption"]) == list(train["caption"])
+    mine.write_text(mine.read_text(encoding="utf-8").replace("बच्ची", "लड़की"), encoding="utf-8")  # edited
+    edited, _, _ = cu.prepare_data(cfg, data)
+    assert len(builds) == 3 and edited["caption"].str.contains("लड़की").any()
+    monkeypatch.delenv("CLIP_HINDI_CAPTIONS")  # the field emptied again: the (cached) translation
+    with pytest.warns(UserWarning, match="missing"):
+        back, _, _ = cu.prepare_data(cfg, data)
+    assert len(builds) == 4 and list(back["caption"]) == list(translated["caption"])
+    monkeypatch.setenv("CLIP_HINDI_CAPTIONS", str(tmp_path / "typo.csv"))
+    with pytest.raises(FileNotFoundError, match="caption file .*typo.csv not found"):
+        cu.prepare_data(cfg, data)

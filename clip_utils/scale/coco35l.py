@@ -193,4 +193,8 @@ def prepare_coco35l(data_dir, language: str = "hi", val_frac: float = 0.5, seed:
         val, _, test = split_by_image(dev, val_frac=0, test_frac=1 - val_frac, seed=seed)
         return train, val, test
 
-    return _cached_splits(folder, make)
+    source = dict(captions="COCO-35L", language=language, val_frac=val_frac, seed=seed,
+                  files=[COCO35L_URLS[split] for split in ("train", "dev")],
+                  what=f"COCO-35L's {language} captions (coco_mt_train; coco_mt_dev split by image, "
+                       f"val_frac {val_frac}, seed {seed})")
+    return _cached_splits(folder, make, source)
