@@ -228,17 +228,45 @@ def load_trained(cfg: Config, checkpoint: str = "", residual: bool = True):
     return model, tokenizer, loaded_cfg, f"your checkpoint {checkpoint}"
 
 
-def model_card(cfg: Config, metrics: dict | None = None, data: str = "") -> str:
-    """A Hugging Face model card (README.md) for a checkpoint: language hi, the recipe, the data, measured recall.
+_RECALL_COLUMNS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")
+
+
+def _data_terms(cfg: Config, data: str, captions: str) -> tuple[str, list[str]]:
+    """(the card's license metadata lines, its "Data and terms" bullets) for a run's training data."""
+    if cfg.mode != "full" and not data:
+        return "license: mit", ["- training data: the synthetic Hindi scenes and captions that clip_utils draws (no "
+                                "third-party data; towers from random init): MIT, as the clip-hindi code"]
+    towers = [f"- pretrained towers: `{cfg.image_model}` (timm) and `{cfg.text_model}`, each under the licence on "
+              "its model card"] if cfg.mode == "full" else []
+    if data:  # the caller's own data: only they know its terms
+        return ("license: other\nlicense_name: see-training-data",
+                [f"- training data: {data}; its own terms apply to these weights", *towers])
+    words = captions or (f"Flickr8k's English captions machine-translated into Hindi by `{cfg.translator}` "
+                         "(NLLB-200: CC-BY-NC-4.0, non-commercial)")
+    bullets = ["- training photos: Flickr8k, official 6,000-image train split (Flickr photos; research use only)",
+               f"- training captions: {words}" + ("; that source's own terms apply" if captions else ""), *towers,
+               "- these weights inherit the narrowest of those terms: research, non-commercial use only"]
+    name = "flickr8k-research-only" if captions else "flickr8k-research-only-and-cc-by-nc-4.0"
+    return f"license: other\nlicense_name: {name}", bullets
+
+
+def model_card(cfg: Config, metrics: dict | None = None, data: str = "", captions: str = "") -> str:
+    """A Hugging Face model card (README.md): language hi, the recipe, the data with its terms, measured recall.
+
+    The licence follows the training data: quick mode's synthetic scenes are MIT, as the code; full mode's
+    weights are trained on Flickr8k (research use only) and, unless `captions` names another source, on
+    NLLB-200 translations (CC-BY-NC-4.0), so the card says `license: other` and names those terms; data of
+    your own (`data`) is `other` too, under its own terms.
 
     Args:
         cfg: the checkpoint's Config (its recipe).
-        metrics: recall as retrieval_metrics returns it (fractions), optionally per evaluation set
-            ({"XM3600 Hindi": {...}, ...}); None says that nothing was measured.
-        data: what it was trained on, in words (default: from cfg.mode).
+        metrics: recall as retrieval_metrics returns it (fractions), optionally per evaluation set and
+            protocol ({"XM3600 Hindi, " + XM3600_FIRST_CAPTION: {...}, ...}); None says nothing was measured.
+        data: the training data in words, when it is not this mode's own (e.g. COCO-35L); its terms apply.
+        captions: full mode's caption source in words (table_source of the data folder); "" is the built-in
+            translation by cfg.translator.
     """
-    data = data or ("Flickr8k photos with machine-translated Hindi captions (official 6,000-image train split)"
-                    if cfg.mode == "full" else "the synthetic Hindi scenes of clip_utils' quick mode")
+    license_lines, terms = _data_terms(cfg, data, captions)
     text_tower = cfg.text_model if cfg.text_pretrained else "BERT from scratch"
     recipe = [f"- image tower: `{cfg.image_model}` ({'pretrained' if cfg.mode == 'full' else 'random init'}), "
               f"{cfg.image_size} px",
@@ -248,15 +276,22 @@ def model_card(cfg: Config, metrics: dict | None = None, data: str = "") -> str:
               f"{cfg.image_encoder_lr:g} / text {cfg.text_encoder_lr:g} / heads {cfg.head_lr:g}, seed {cfg.seed}"]
     if metrics and not isinstance(next(iter(metrics.values())), dict):
         metrics = {"evaluation": metrics}
-    rows = ["| evaluation set | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 |", "|---|---|---|---|---|"]
-    rows += [f"| {name} | " + " | ".join(f"{100 * m[k]:.1f}" if k in m else "" for k in
-                                        ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1")) + " |"
+    rows = ["| evaluation set (protocol) | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 |",
+            "|---|---|---|---|---|---|---|"]
+    rows += [f"| {name} | " + " | ".join(f"{100 * m[k]:.1f}" if k in m else "" for k in _RECALL_COLUMNS) + " |"
              for name, m in (metrics or {}).items()]
-    results = "\n".join(rows) if metrics else "Not measured yet: run notebook 04 and push again with its metrics."
+    protocol = ("Recall@K in percent, text → image (t2i) and image → text (i2t, a hit when any of the image's "
+                "captions is in the top K); a tie with a wrong candidate counts as a miss. On XM3600 (Crossmodal-3600, "
+                "CC-BY-4.0, captions written by Hindi speakers) \"first caption per image\" is CLIP_benchmark's "
+                "protocol, comparable with open_clip's multilingual table; \"all captions\" keeps every caption, as "
+                "Google's and MTEB's numbers do. Compare rows of the same protocol only.")
+    results = ("\n".join(rows) + "\n\n" + protocol if metrics
+               else "Not measured yet: run notebook 04 and push again with its metrics.")
+    data_lines = "\n".join(terms)
     return f"""---
 language:
 - hi
-license: mit
+{license_lines}
 library_name: pytorch
 tags:
 - clip
@@ -272,8 +307,8 @@ A two-tower CLIP model for Hindi, trained with [clip-hindi](https://github.com/c
 ## Recipe
 {chr(10).join(recipe)}
 
-## Data
-{data}.
+## Data and terms
+{data_lines}
 
 ## Measured recall (percent)
 {results}
@@ -288,7 +323,7 @@ cu.search_images("घास पर कुत्ता", model, tokenizer, image_
 
 
 def push_to_hub(run_folder, repo_id: str, metrics: dict | None = None, private: bool = False, api=None,
-                data: str = ""):
+                data: str = "", captions: str = ""):
     """Publish a checkpoint folder to the Hugging Face Hub with a generated model card; returns the commit.
 
     `run_folder` is a save_checkpoint folder or a run folder holding best/ (its history.csv goes along).
@@ -301,7 +336,8 @@ def push_to_hub(run_folder, repo_id: str, metrics: dict | None = None, private: 
         metrics: measured recall for the card (see model_card).
         private: create the repository as private.
         api: the Hub client (default huggingface_hub.HfApi()); tests pass one that writes to a local folder.
-        data: the training data in words, for the card.
+        data: the training data in words, when it is not this mode's own, for the card.
+        captions: full mode's caption source in words ("" = the built-in translation), for the card's terms.
     """
     import tempfile
 
@@ -319,7 +355,7 @@ def push_to_hub(run_folder, repo_id: str, metrics: dict | None = None, private: 
         shutil.copytree(checkpoint, stage, ignore=shutil.ignore_patterns("training_state.pt"))
         if (checkpoint.parent / "history.csv").exists():
             shutil.copy(checkpoint.parent / "history.csv", stage)
-        (stage / "README.md").write_text(model_card(cfg, metrics, data), encoding="utf-8")
+        (stage / "README.md").write_text(model_card(cfg, metrics, data, captions), encoding="utf-8")
         api.create_repo(repo_id, private=private, exist_ok=True)
         return api.upload_folder(folder_path=str(stage), repo_id=repo_id,
                                  commit_message=f"clip-hindi checkpoint ({cfg.mode} recipe)")

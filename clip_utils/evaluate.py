@@ -131,6 +131,23 @@ def retrieval_metrics(model: CLIPModel, tokenizer, df: pd.DataFrame, cfg: Config
     return recall_at_k(text_embeds @ image_embeds.T, caption_to_image)
 
 
+def choose_on_validation(candidates: dict, val_df: pd.DataFrame, metric: str = "t2i_R@1") -> tuple[str, pd.DataFrame]:
+    """Pick among model variants on the validation table, never on test: (the best name, every variant's recall).
+
+    Args:
+        candidates: {name: (model, tokenizer, cfg)}, e.g. the published checkpoint's two head variants.
+        val_df: the validation caption table (Flickr8k's dev split in full mode).
+        metric: the retrieval_metrics key that decides; the first candidate wins a tie.
+    """
+    if not candidates:
+        raise ValueError("choose_on_validation got no candidates: pass {name: (model, tokenizer, cfg)}")
+    table = pd.DataFrame({name: retrieval_metrics(model, tokenizer, val_df, cfg, name="validation")
+                          for name, (model, tokenizer, cfg) in candidates.items()}).T
+    if metric not in table.columns:
+        raise ValueError(f"choose_on_validation: metric {metric!r} is not one of {list(table.columns)}")
+    return str(table[metric].idxmax()), table
+
+
 def _image_fingerprint(model: CLIPModel) -> str:
     """A hash of everything that shapes an image embedding: the image tower and its head, not the text side."""
     digest = hashlib.sha1()

@@ -52,11 +52,13 @@ def test_push_to_hub_round_trip_with_model_card(tmp_path, hub_cache, synthetic, 
     run = tmp_path / "run"
     cu.save_checkpoint(run / "best", model, tokenizer, tiny_cfg)
     pd.DataFrame([dict(epoch=1, val_loss=1.0)]).to_csv(run / "history.csv", index=False)
-    metrics = {"XM3600 Hindi": {"t2i_R@1": 0.123, "t2i_R@5": 0.3, "t2i_R@10": 0.4, "i2t_R@1": 0.1}}
+    name = f"XM3600 Hindi, {cu.XM3600_FIRST_CAPTION}"
+    metrics = {name: {"t2i_R@1": 0.123, "t2i_R@5": 0.3, "t2i_R@10": 0.4, "i2t_R@1": 0.1, "i2t_R@5": 0.2}}
     commit = cu.push_to_hub(run, "me/clip-hindi-test", metrics=metrics, api=rehearsal.local_hub(hub_cache))
     snapshot = hub_cache / "models--me--clip-hindi-test" / "snapshots" / commit.oid
     card = (snapshot / "README.md").read_text(encoding="utf-8")
-    assert card.startswith("---\nlanguage:\n- hi\n") and "| XM3600 Hindi | 12.3 | 30.0 | 40.0 | 10.0 |" in card
+    assert card.startswith("---\nlanguage:\n- hi\nlicense: mit\n")  # quick mode: synthetic data only
+    assert f"| {name} | 12.3 | 30.0 | 40.0 | 10.0 | 20.0 |  |" in card and "CLIP_benchmark's protocol" in card
     assert f"`{tiny_cfg.image_model}`" in card and f"{tiny_cfg.epochs} epochs" in card
     assert (snapshot / "history.csv").exists() and not (snapshot / "training_state.pt").exists()
     loaded, loaded_tok, cfg = cu.load_checkpoint("me/clip-hindi-test")  # through huggingface_hub, offline
@@ -64,6 +66,13 @@ def test_push_to_hub_round_trip_with_model_card(tmp_path, hub_cache, synthetic, 
     assert cfg == tiny_cfg
     assert torch.equal(cu.encode_images(loaded, images, cfg), cu.encode_images(model, images, tiny_cfg))
     assert "Not measured yet" in cu.model_card(tiny_cfg)
+    full = cu.model_card(cu.Config.full())  # Flickr8k photos, NLLB-200 captions: research, non-commercial
+    assert "\nlicense: other\nlicense_name: flickr8k-research-only-and-cc-by-nc-4.0\n" in full and "license: mit" not in full
+    assert "Flickr8k" in full and "research use only" in full and f"`{cu.DEFAULT_TRANSLATOR}`" in full
+    assert "CC-BY-NC-4.0" in full
+    mine = cu.model_card(cu.Config.full(), captions="the caption file /data/mine.csv")
+    assert "license_name: flickr8k-research-only\n" in mine and "/data/mine.csv; that source's own terms" in mine
+    assert "CC-BY-NC" not in mine
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         cu.push_to_hub(tmp_path / "empty", "me/x", api=rehearsal.local_hub(hub_cache))
 
