@@ -181,7 +181,8 @@ def test_prepare_end_to_end_through_the_mirror_then_the_cache(tmp_path, monkeypa
         assert all(any("\u0900" <= ch <= "\u097f" for ch in c) for c in a["caption"])
         for b in splits[i + 1:]:
             assert not set(a["image"]) & set(b["image"])
-    assert {p.name for p in (data / "coco35l_hi").iterdir()} == {"train.csv", "val.csv", "test.csv"}
+    assert {p.name for p in (data / "coco35l_hi").iterdir()} == {"train.csv", "val.csv", "test.csv", "source.json"}
+    assert cu.table_source(data / "coco35l_hi").startswith("COCO-35L's hi captions")
 
     # the table goes on to shards and a streamed batch (the --data coco35l --shards path of the command line)
     cfg = dataclasses.replace(tiny_cfg, batch_size=2)
@@ -200,3 +201,5 @@ def test_prepare_end_to_end_through_the_mirror_then_the_cache(tmp_path, monkeypa
     again = coco35l.prepare_coco35l(data)
     for first, second in zip(splits, again):
         pd.testing.assert_frame_equal(second, first)
+    with pytest.raises(FileNotFoundError):  # another split of dev is another source: it must rebuild (and cannot)
+        coco35l.prepare_coco35l(data, val_frac=0.25)
