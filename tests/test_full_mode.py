@@ -67,9 +67,9 @@ def test_push_to_hub_round_trip_with_model_card(tmp_path, hub_cache, synthetic, 
     assert torch.equal(cu.encode_images(loaded, images, cfg), cu.encode_images(model, images, tiny_cfg))
     assert "Not measured yet" in cu.model_card(tiny_cfg)
     full = cu.model_card(cu.Config.full())  # Flickr8k photos, NLLB-200 captions: research, non-commercial
-    assert "\nlicense: other\nlicense_name: flickr8k-research-only-and-cc-by-nc-4.0\n" in full and "license: mit" not in full
-    assert "Flickr8k" in full and "research use only" in full and f"`{cu.DEFAULT_TRANSLATOR}`" in full
-    assert "CC-BY-NC-4.0" in full
+    assert "\nlicense: other\nlicense_name: flickr8k-research-only-and-cc-by-nc-4.0\n" in full
+    assert "license: mit" not in full and "Flickr8k" in full and "research use only" in full
+    assert f"`{cu.DEFAULT_TRANSLATOR}`" in full and "CC-BY-NC-4.0" in full
     mine = cu.model_card(cu.Config.full(), captions="the caption file /data/mine.csv")
     assert "license_name: flickr8k-research-only\n" in mine and "/data/mine.csv; that source's own terms" in mine
     assert "CC-BY-NC" not in mine

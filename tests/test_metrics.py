@@ -125,3 +125,21 @@ def test_chunked_top_k_matches_a_full_sort():
 def test_empty_gallery_finds_nothing():
     scores, indices = cu.top_k_scores(torch.empty(0, 16), torch.ones(16) / 4, k=5)
     assert len(scores) == len(indices) == 0
+
+
+def test_choose_on_validation_scores_every_variant_on_the_table_it_is_given(monkeypatch):
+    seen = []
+
+    def scored(model, tokenizer, df, cfg, name):
+        seen.append((df, name))
+        return {"t2i_R@1": model, "i2t_R@1": 1 - model}  # the "model" here is its own score
+
+    monkeypatch.setattr(cu.evaluate, "retrieval_metrics", scored)
+    val = object()
+    chosen, table = cu.choose_on_validation({"with residual": (0.2, None, None), "without": (0.5, None, None)}, val)
+    assert chosen == "without" and table.loc["with residual", "t2i_R@1"] == 0.2
+    assert seen == [(val, "validation")] * 2
+    assert cu.choose_on_validation({"a": (0.3, None, None), "b": (0.3, None, None)}, val)[0] == "a"  # a tie: the first
+    assert cu.choose_on_validation({"a": (0.3, None, None), "b": (0.2, None, None)}, val, metric="i2t_R@1")[0] == "b"
+    with pytest.raises(ValueError, match="metric 't2i_R@100' is not one of"):
+        cu.choose_on_validation({"a": (0.3, None, None)}, val, metric="t2i_R@100")
