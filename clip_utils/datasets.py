@@ -235,7 +235,8 @@ def prepare_full_data(data_dir, captions="", translator: str = DEFAULT_TRANSLATO
 
     Caption sources, in order: `captions` (a local file, an http(s) URL or hf://datasets/<owner>/<name>/<file>);
     without one, Flickr8k's own English captions machine-translated by `translator` (flickr8k_machine_captions),
-    whose tables keep the English source in an "english" column.
+    whose tables keep the English source in an "english" column. The CSVs remember their source: another
+    file, an edited file or another translator builds them afresh (table_source says which they hold).
 
     Args:
         data_dir: where photos, lists, the translation and the CSVs go.
