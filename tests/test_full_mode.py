@@ -79,7 +79,8 @@ def test_load_checkpoint_says_what_is_wrong(tmp_path):
 
 def test_a_checkpoint_saved_before_image_geometry_loads_square(tmp_path, tiny_model, tiny_cfg):
     model, tokenizer = tiny_model
-    folder = cu.save_checkpoint(tmp_path / "old", model, tokenizer, dataclasses.replace(tiny_cfg, image_geometry="crop"))
+    crop_cfg = dataclasses.replace(tiny_cfg, image_geometry="crop")
+    folder = cu.save_checkpoint(tmp_path / "old", model, tokenizer, crop_cfg)
     meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     del meta["config"]["image_geometry"]
     meta["config"]["eval_resize"] = "crop"  # the old field: every model then was trained on square photos
