@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -168,3 +169,16 @@ def test_shards_are_rewritten_only_for_another_table_and_max_side_shrinks_photos
     photos = [s["jpg"] for s in _all_samples(small)]
     assert len(photos) == 20
     assert all(min(cu.load_image(io.BytesIO(p)).shape[:2]) == 40 for p in photos)  # 96 px scenes, shorter side 40
+
+
+def test_shards_are_rewritten_when_a_photo_is_replaced_under_its_name(synthetic, tiny_cfg, tmp_path):
+    _, train, _, _ = synthetic
+    photos = [shutil.copy(p, tmp_path) for p in train["image"].unique()[:4]]
+    table = pd.DataFrame({"image": photos * 2, "caption": list(train["caption"].head(8))})
+    folder = cu.write_shards(table, tmp_path / "shards", tiny_cfg)
+    stamp = (folder / "index.json").stat().st_mtime_ns
+    cu.write_shards(table, folder, tiny_cfg)
+    assert (folder / "index.json").stat().st_mtime_ns == stamp  # nothing changed: kept
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(photos[0])  # a new photo, the same name and rows
+    cu.write_shards(table, folder, tiny_cfg)
+    assert (folder / "index.json").stat().st_mtime_ns != stamp  # written again with the new pixels

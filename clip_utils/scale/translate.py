@@ -136,7 +136,8 @@ def translate_captions(source, out_path, model_name: str = DEFAULT_TRANSLATOR, s
     else:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(",".join(TRANSLATION_COLUMNS) + "\n", encoding="utf-8")
-        meta.write_text(json.dumps(settings))
+        with atomic_write(meta) as partial:  # a torn settings file would stop every later run
+            partial.write_text(json.dumps(settings))
         done = pd.DataFrame(columns=TRANSLATION_COLUMNS)
     done_keys = set(zip(done["image"], done["number"]))
     todo = english[[key not in done_keys for key in zip(english["image"], english["number"])]]
