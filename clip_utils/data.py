@@ -365,7 +365,7 @@ def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, batches=N
                       f"max_length={cfg.max_length} tokens (longest {lengths.max()}) and will be truncated",
                       stacklevel=2)
     dataset = _PairDataset(df, cfg, image_transforms(cfg, train, normalize=False, **crop))
-    if train and cfg.image_cache:  # evaluation decodes: it reads each image once anyway
+    if train and cfg.image_cache:  # the cache serves training's many epochs; evaluation tables are small and decode
         dataset.cache = cache_images([_resolve(p, cfg) for p in dataset.images], cfg, **crop)
     workers, cuda = _loader_workers(cfg)
     order = (dict(batch_sampler=batches) if batches is not None else
