@@ -103,7 +103,7 @@ def published_steps(model, tokenizer, df, cfg, steps):
 def our_steps(model, tokenizer, df, cfg, steps):
     device = cu.config._device(cfg)
     model.image_encoder.to(memory_format=torch.channels_last)  # as fit does
-    loader = cu.make_loader(df, tokenizer, cfg, train=True, mean=model.image_encoder.mean, std=model.image_encoder.std)
+    loader = cu.make_loader(df, tokenizer, cfg, train=True, **model.image_encoder.crop)
     optimizer = cu.make_optimizer(model, cfg)
     accelerator = cu.train._accelerator(cfg)  # mixed precision as fit picks it (cfg.precision)
     trained, optimizer = accelerator.prepare(model, optimizer)

@@ -127,7 +127,7 @@ def load_checkpoint(path, device: str | None = None):
     meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
     known = {f.name for f in dataclasses.fields(Config)}
     saved = {k: v for k, v in meta["config"].items() if k in known}
-    saved.setdefault("eval_resize", "square")  # saved before the option existed: evaluated square, as trained
+    saved.setdefault("image_geometry", "square")  # saved before the option existed: trained square, so evaluated so
     cfg = Config(**saved)
     if "channels" in cfg.image_model_kwargs:  # JSON turned the tuple into a list
         cfg.image_model_kwargs["channels"] = tuple(cfg.image_model_kwargs["channels"])
@@ -146,7 +146,7 @@ def load_checkpoint(path, device: str | None = None):
 def _published_config(cfg: Config | None, residual: bool) -> Config:
     """The published architecture: our names, temperature 1, square 224 px resize as it was trained."""
     return dataclasses.replace(cfg or Config.full(), image_pretrained=False, residual_heads=residual,
-                               init_logit_scale=0.0, eval_resize="square")
+                               init_logit_scale=0.0, image_geometry="square")
 
 
 def load_published_checkpoint(path_or_repo=PUBLISHED_REPO, cfg: Config | None = None,

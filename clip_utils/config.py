@@ -20,7 +20,11 @@ class Config:
     # -- data --
     image_dir: str = ""  # relative image paths in a table are joined to this folder
     image_size: int = 224  # square input size fed to the image encoder
-    eval_resize: str = "crop"  # evaluation: "crop" keeps the aspect ratio (timm's crop_pct), "square" stretches
+    # How training and evaluation see a photo, one choice for both. "square": stretch the whole photo to
+    # image_size x image_size (the published recipe, and its checkpoint was trained so). "crop": keep the aspect
+    # ratio, shorter side to image_size / the tower's crop_pct, then a random square crop to train and the centre
+    # one to evaluate (open_clip's way). Square by default: the published recipe is the full-mode default.
+    image_geometry: str = "square"
     max_length: int = 64  # longest caption in tokens; each batch pads only to its own longest
     translator: str = "facebook/nllb-200-distilled-600M"  # English->Hindi model when no Hindi caption file is given
     on_bad_input: str = "skip"  # "skip": drop bad rows/images with a counted warning; "raise": stop
@@ -70,6 +74,7 @@ class Config:
     @classmethod
     def full(cls, **overrides) -> "Config":
         """Published recipe: resnet50 + hindi-bert-v2, pretrained, on a GPU."""
+        _check_renamed(overrides)
         return cls(**overrides)
 
     @classmethod
@@ -78,7 +83,7 @@ class Config:
         base = dict(
             mode="quick",
             image_size=64,  # synthetic scenes are 96 px; 64 px keeps shapes legible and doubles speed
-            eval_resize="square",  # the scenes are square: nothing to crop
+            image_geometry="square",  # the scenes are square: nothing to crop, nothing stretched
             max_length=48,  # synthetic captions are at most ~40 tokens
             num_workers=0,  # tiny images decode faster than worker processes start
             image_model="resnet18",
@@ -101,6 +106,7 @@ class Config:
             max_minutes=4.0,  # a safety net for slow machines; the bars are met well inside it
             out_dir="runs/quick",
         )
+        _check_renamed(overrides)
         base.update(overrides)
         return cls(**base)
 
@@ -116,7 +122,7 @@ class Config:
         if mode not in ("", "quick", "full"):
             raise ValueError(f"CLIP_HINDI_MODE must be 'quick' or 'full', got {mode!r}")
         if not mode:
-            mode = "full" if torch.cuda.is_available() else "quick"
+            mode = "full" if _pick_device().type == "cuda" else "quick"
         from_env = {}
         for name, kind in (("epochs", int), ("batch_size", int), ("image_size", int), ("max_minutes", float)):
             value = os.environ.get(f"CLIP_HINDI_{name.upper()}", "").strip()
@@ -139,8 +145,10 @@ _CHOICES = {
     "freeze": ("none", "image", "text"),
     "precision": ("auto", "bf16", "fp32"),
     "heads": ("mlp", "linear"),
-    "eval_resize": ("crop", "square"),
+    "image_geometry": ("square", "crop"),
 }
+# Fields that were renamed: the old name gets an error that names the new one.
+_RENAMED = {"eval_resize": "image_geometry (one geometry for training and evaluation: 'square' or 'crop')"}
 _DEVICE = re.compile(r"auto|cpu|cuda")  # fit runs on Accelerate: one GPU per process, chosen by CUDA_VISIBLE_DEVICES
 
 
@@ -205,10 +213,26 @@ def _config_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def _device(cfg: Config) -> torch.device:
-    if cfg.device == "auto":
+def _check_renamed(overrides: dict) -> None:
+    old = sorted(set(overrides) & set(_RENAMED))
+    if old:
+        raise ValueError(f"Config has no field {old[0]!r} any more: use {_RENAMED[old[0]]}")
+
+
+def _pick_device(choice: str = "auto") -> torch.device:
+    """The one device decision: "auto" is CUDA when a GPU is visible, else the CPU; "cuda" without a GPU is an error."""
+    if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    device = torch.device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={choice!r}, but no GPU is visible (torch.cuda.is_available() is False): "
+                         "use device='auto' or 'cpu'")
+    return device
+
+
+def _device(cfg: Config) -> torch.device:
+    """The device cfg.device picks (see _pick_device); fit's Accelerator, the loaders and loading all ask here."""
+    return _pick_device(cfg.device)
 
 
 def _seed_everything(seed: int) -> None:

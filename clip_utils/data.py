@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 import warnings
 from functools import partial
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, _device
+from .files import atomic_write, file_fingerprint
 from .text import normalize_caption
 
 # A table is a pandas DataFrame with columns `image` (absolute, or relative to
@@ -78,8 +78,10 @@ def _cached_splits(data_dir, make, source: dict):
     record.unlink(missing_ok=True)  # written last: tables half rewritten never pass for the new source
     for part, path in zip(splits, paths):
         inside = [os.path.relpath(im, folder) if im.startswith(folder + os.sep) else im for im in part["image"]]
-        part.assign(image=inside).to_csv(path, index=False)
-    record.write_text(json.dumps(source, ensure_ascii=False, indent=1), encoding="utf-8")
+        with atomic_write(path) as tmp:  # an interrupted run leaves no short table behind
+            part.assign(image=inside).to_csv(tmp, index=False)
+    with atomic_write(record) as tmp:
+        Path(tmp).write_text(json.dumps(source, ensure_ascii=False, indent=1), encoding="utf-8")
     return tuple(splits)
 
 
@@ -182,35 +184,53 @@ def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True, name: 
     return df
 
 
-def image_transforms(cfg: Config, train: bool, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                     crop_pct: float | None = None, interpolation: str = "bilinear", normalize: bool = True):
-    """Albumentations pipeline: light, caption-safe augmentation for training; resize + normalise for eval.
+def _crop_side(cfg: Config, crop_pct: float | None) -> int:
+    """The shorter side a "crop" view resizes to: image_size / crop_pct (timm's default crop fraction is 0.875)."""
+    return math.floor(cfg.image_size / (crop_pct or 0.875))
 
-    No flips and no hue changes: captions say "left", "right" and name colours. Evaluation with
-    cfg.eval_resize="crop" keeps a photo's aspect ratio as timm evaluates its pretrained towers: the
-    shorter side is resized to image_size / crop_pct and the centre cropped; "square" stretches to size.
 
-    Args:
-        cfg: image_size and eval_resize.
-        train: augment (always the square resize the towers were trained on here).
-        mean, std: the image encoder's normalisation.
-        crop_pct, interpolation: the tower's own crop fraction and resampling (timm's pretrained config).
-        normalize: end with Normalize and a (3, H, W) float tensor; False keeps (H, W, 3) uint8 pixels,
-            which the image encoder normalises on its device (normalization_table: the same numbers).
+def _resize_steps(cfg: Config, crop_pct=None, interpolation: str = "bilinear") -> list:
+    """The resize every view of a photo starts with, and what the decode-once cache stores.
+
+    "square" stretches the photo to image_size x image_size; "crop" keeps its aspect ratio and resizes
+    its shorter side to _crop_side, with the tower's own resampling.
     """
     import albumentations as A
     import cv2
+
+    if cfg.image_geometry not in ("square", "crop"):
+        raise ValueError(f"cfg.image_geometry must be 'square' or 'crop', got {cfg.image_geometry!r}")
+    if cfg.image_geometry == "square":
+        return [A.Resize(cfg.image_size, cfg.image_size)]
+    flag = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST,
+            "lanczos": cv2.INTER_LANCZOS4}.get(interpolation, cv2.INTER_LINEAR)
+    return [A.SmallestMaxSize(max_size=_crop_side(cfg, crop_pct), interpolation=flag)]
+
+
+def image_transforms(cfg: Config, train: bool, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                     crop_pct: float | None = None, interpolation: str = "bilinear", normalize: bool = True):
+    """Albumentations pipeline: one geometry (cfg.image_geometry) for training and evaluation, light augmentation.
+
+    "square" stretches the photo to image_size in both (the published recipe). "crop" keeps the aspect
+    ratio in both, as open_clip does: the shorter side goes to image_size / crop_pct, then training takes
+    a random image_size square (a resized crop near scale 1: the affine below jitters the scale by 10 %)
+    and evaluation the centre one. So an object has the same shape and size at test time as in training.
+    No flips and no hue changes: captions say "left", "right" and name colours.
+
+    Args:
+        cfg: image_size and image_geometry.
+        train: augment (random crop, affine, brightness and contrast).
+        mean, std: the normalisation, for a model outside clip_utils (normalize=True).
+        crop_pct, interpolation: the tower's own crop fraction and resampling (ImageEncoder.crop).
+        normalize: end with Normalize and a (3, H, W) float tensor; False keeps (H, W, 3) uint8 pixels,
+            what make_loader and encode_images send: the ImageEncoder normalises them on its device.
+    """
+    import albumentations as A
     from albumentations.pytorch import ToTensorV2
 
-    if cfg.eval_resize not in ("crop", "square"):
-        raise ValueError(f"cfg.eval_resize must be 'crop' or 'square', got {cfg.eval_resize!r}")
-    if train or cfg.eval_resize == "square":
-        steps = [A.Resize(cfg.image_size, cfg.image_size)]
-    else:
-        flag = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST,
-                "lanczos": cv2.INTER_LANCZOS4}.get(interpolation, cv2.INTER_LINEAR)
-        side = math.floor(cfg.image_size / (crop_pct or 0.875))  # timm's default crop fraction is 0.875
-        steps = [A.SmallestMaxSize(max_size=side, interpolation=flag), A.CenterCrop(cfg.image_size, cfg.image_size)]
+    steps = _resize_steps(cfg, crop_pct, interpolation)
+    if cfg.image_geometry == "crop":
+        steps.append((A.RandomCrop if train else A.CenterCrop)(cfg.image_size, cfg.image_size))
     if train:
         steps += [A.Affine(scale=(0.9, 1.1), translate_percent=(-0.04, 0.04), rotate=(-5, 5),
                            border_mode=1, p=0.7),  # replicate border: no black wedges
@@ -220,71 +240,61 @@ def image_transforms(cfg: Config, train: bool, mean=(0.485, 0.456, 0.406), std=(
     return A.Compose(steps, seed=cfg.seed)
 
 
-def normalization_table(mean, std) -> torch.Tensor:
-    """(3, 256) float32: what albumentations' Normalize turns each uint8 level of each channel into.
-
-    Applied on the model's device (ImageEncoder), it gives exactly the numbers per-image
-    normalisation in the loader would, while the loader ships 4x fewer bytes and skips that work.
-    """
-    import albumentations as A
-
-    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3)
-    return torch.from_numpy(A.Normalize(mean=mean, std=std)(image=levels)["image"][:, 0, :].T.copy())  # (3, 256)
-
-
-def _training_pixels(path, size: int) -> np.ndarray:
-    """The (size, size, 3) uint8 image that training augments: decoded, then resized as the train transform does."""
-    import albumentations as A
-
-    return A.Resize(size, size)(image=load_image(path, max_side=size))["image"]
-
-
 class _DecodeDataset(torch.utils.data.Dataset):
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
+    def __init__(self, paths, resize, max_side):
+        self.paths, self.resize, self.max_side = paths, resize, max_side
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
-        return i, _training_pixels(self.paths[i], self.size)
+    def __getitem__(self, i):  # decoded and resized as the training transform resizes
+        return i, self.resize(image=load_image(self.paths[i], max_side=self.max_side))["image"]
 
 
-def cache_images(paths, cfg: Config) -> Path:
-    """Decode each image once at training size into one .npy file under cfg.image_cache; returns its path.
+def cache_images(paths, cfg: Config, crop_pct=None, interpolation: str = "bilinear") -> Path:
+    """Decode each image once, resized as training resizes it, into one file under cfg.image_cache; returns its path.
 
-    Later epochs read pixels from it instead of decoding JPEGs (see make_loader). The file name holds
-    a hash of the paths and the size, so another table or image_size gets its own file; one written
-    before is reused. It takes images x image_size^2 x 3 bytes (Flickr8k at 224 px: 0.9 GB; COCO: 17 GB).
+    Later epochs read pixels from it instead of decoding JPEGs (see make_loader). The file holds the
+    images' uint8 pixels back to back ("crop" keeps each photo's own aspect ratio, so sizes differ);
+    "<name>.index.npy" beside it holds each image's (offset, height, width). The name holds a
+    fingerprint of the files (path, size, modification time) and the geometry, so another table,
+    size or geometry gets its own file; one written before is reused. Square at 224 px it takes
+    images x 150 kB (Flickr8k: 0.9 GB; COCO: 17 GB), "crop" about a third more.
 
     Args:
         paths: the distinct image files, in the order their rows' image ids count them.
-        cfg: image_cache (the folder), image_size, num_workers (decoding processes).
+        cfg: image_cache (the folder), image_size, image_geometry, num_workers (decoding processes).
+        crop_pct, interpolation: the tower's crop ("crop" geometry; see image_transforms).
     """
-    import hashlib
+    import albumentations as A
 
     paths = [str(p) for p in paths]
-    # Each file's size and modification time too: photos replaced under the same names get a new cache.
-    stats = [f"{p}\t{stat.st_size}\t{stat.st_mtime_ns}" for p, stat in zip(paths, map(os.stat, paths))]
-    key = hashlib.sha256("\n".join([str(cfg.image_size), *stats]).encode()).hexdigest()[:16]
-    target = Path(cfg.image_cache) / f"images-{cfg.image_size}px-{key}.npy"
-    if target.exists():
+    resize = A.Compose(_resize_steps(cfg, crop_pct, interpolation))
+    side = cfg.image_size if cfg.image_geometry == "square" else _crop_side(cfg, crop_pct)
+    key = file_fingerprint(paths, cfg.image_geometry, side, interpolation)[:16]
+    target = Path(cfg.image_cache) / f"images-{cfg.image_geometry}-{side}px-{key}.u8"
+    index = target.with_suffix(".index.npy")
+    if target.exists() and index.exists():  # the index is written last: both there means both whole
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial_file = target.with_name(f"{target.stem}.{uuid.uuid4().hex}.part.npy")  # renamed when whole: never half-read
-    try:
-        pixels = np.lib.format.open_memmap(partial_file, mode="w+", dtype=np.uint8,
-                                           shape=(len(paths), cfg.image_size, cfg.image_size, 3))  # (I, S, S, 3)
-        decode = torch.utils.data.DataLoader(_DecodeDataset(paths, cfg.image_size), batch_size=None,
+    shapes = np.zeros((len(paths), 3), dtype=np.int64)  # (I, 3): byte offset, height, width
+    offset = 0
+    with atomic_write(target) as partial, open(partial, "wb") as out:  # never a half file of many GB
+        decode = torch.utils.data.DataLoader(_DecodeDataset(paths, resize, cfg.image_size), batch_size=None,
                                              num_workers=cfg.num_workers)  # worker processes decode in parallel
         for i, image in decode:
-            pixels[i] = np.asarray(image)
-        pixels.flush()
-        del pixels
-        os.replace(partial_file, target)
-    finally:
-        partial_file.unlink(missing_ok=True)  # an interrupted cache leaves no half file of many GB
+            image = np.ascontiguousarray(image, dtype=np.uint8)  # (h, w, 3)
+            shapes[i] = offset, image.shape[0], image.shape[1]
+            out.write(image.tobytes())
+            offset += image.nbytes
+    with atomic_write(index) as partial:
+        np.save(partial, shapes)
     return target
+
+
+def _cached_image(pixels: np.ndarray, shapes: np.ndarray, i: int) -> np.ndarray:
+    """Image i of a cache_images file (memory-mapped `pixels`, its index `shapes`) as an (h, w, 3) uint8 copy."""
+    offset, height, width = (int(v) for v in shapes[i])
+    return np.array(pixels[offset:offset + height * width * 3]).reshape(height, width, 3)
 
 
 class _PairDataset(torch.utils.data.Dataset):
@@ -299,19 +309,20 @@ class _PairDataset(torch.utils.data.Dataset):
         self.captions = list(df["caption"])
         self.image_ids, self.images = pd.factorize(df["image"])  # captions of one image share an id
         self.transform, self.max_side = transform, cfg.image_size
-        self.cache, self._pixels = cache, None  # opened on first use, in each worker process
+        self.cache, self._pixels, self._shapes = cache, None, None  # opened on first use, in each worker process
 
     def __len__(self):
         return len(self.captions)
 
     def __getstate__(self):  # a worker process opens the cache itself instead of receiving a copy of its pixels
-        return {**self.__dict__, "_pixels": None}
+        return {**self.__dict__, "_pixels": None, "_shapes": None}
 
     def __getitem__(self, i):
         if self.cache:
-            if self._pixels is None:
-                self._pixels = np.load(self.cache, mmap_mode="r")  # (I, S, S, 3): pages load as they are read
-            image = np.array(self._pixels[self.image_ids[i]])
+            if self._pixels is None:  # pages of the file load as they are read
+                self._pixels = np.memmap(self.cache, dtype=np.uint8, mode="r")
+                self._shapes = np.load(Path(self.cache).with_suffix(".index.npy"))  # (I, 3)
+            image = _cached_image(self._pixels, self._shapes, self.image_ids[i])
         else:
             try:
                 image = load_image(self.paths[i], max_side=self.max_side)
@@ -335,10 +346,8 @@ def _collate(batch, tokenizer, max_length: int) -> dict:
     images, captions, image_ids = zip(*batch)
     tokens = tokenizer(list(captions), padding="longest", truncation=True, max_length=max_length,
                        return_tensors="pt")
-    if isinstance(images[0], np.ndarray):  # training: uint8 (H, W, 3), normalised by the image encoder
-        images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W), channels-last in memory
-    else:
-        images = torch.stack(images)  # (B, 3, H, W) float, normalised here
+    # uint8 (H, W, 3) pixels, training and evaluation alike: the image encoder normalises them on its device
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W), channels-last in memory
     return dict(images=images, input_ids=tokens["input_ids"],
                 attention_mask=tokens["attention_mask"], image_ids=torch.tensor(image_ids))
 
@@ -353,7 +362,7 @@ def _loader_workers(cfg: Config) -> tuple[int, bool]:
     return (cfg.num_workers if cuda else 0), cuda
 
 
-def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None, std=None, batches=None,
+def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, batches=None,
                 crop_pct=None, interpolation="bilinear"):
     """A DataLoader over every caption row; training shuffles with a seeded generator unless given batches.
 
@@ -362,25 +371,23 @@ def make_loader(df: pd.DataFrame, tokenizer, cfg: Config, train: bool, mean=None
         tokenizer: Hugging Face tokenizer used per batch.
         cfg: batch size, workers, image size, seed.
         train: augment and shuffle (and drop a ragged last batch).
-        mean, std: the image encoder's normalisation (defaults to ImageNet's).
         batches: optional list of row-index lists to use instead of shuffling (see similar_batches).
-        crop_pct, interpolation: the image encoder's evaluation crop (see image_transforms).
+        crop_pct, interpolation: the image encoder's crop (ImageEncoder.crop; see image_transforms).
 
-    With cfg.image_cache set, a training loader reads decoded pixels from cache_images' file.
+    Batches carry uint8 pixels; the image encoder normalises them where the model runs. With
+    cfg.image_cache set, a training loader reads decoded pixels from cache_images' file.
     """
     if len(df) == 0:
         raise ValueError("make_loader got a table with no rows; clean_table says which rows were dropped and why")
-    norm = {k: v for k, v in dict(mean=mean, std=std).items() if v is not None}
-    norm.update(crop_pct=crop_pct, interpolation=interpolation)
+    crop = dict(crop_pct=crop_pct, interpolation=interpolation)
     lengths = np.array([len(ids) for ids in tokenizer(list(df["caption"]))["input_ids"]])
     if (lengths > cfg.max_length).any():
         warnings.warn(f"{(lengths > cfg.max_length).sum()} of {len(lengths)} captions are longer than "
                       f"max_length={cfg.max_length} tokens (longest {lengths.max()}) and will be truncated",
                       stacklevel=2)
-    # Training batches carry uint8 pixels: the encoder normalises them where the model runs.
-    dataset = _PairDataset(df, cfg, image_transforms(cfg, train, normalize=not train, **norm))
-    if train and cfg.image_cache:  # evaluation keeps decoding: its crop needs the photo's own aspect ratio
-        dataset.cache = cache_images([_resolve(p, cfg) for p in dataset.images], cfg)
+    dataset = _PairDataset(df, cfg, image_transforms(cfg, train, normalize=False, **crop))
+    if train and cfg.image_cache:  # the cache serves training's many epochs; evaluation tables are small and decode
+        dataset.cache = cache_images([_resolve(p, cfg) for p in dataset.images], cfg, **crop)
     workers, cuda = _loader_workers(cfg)
     order = (dict(batch_sampler=batches) if batches is not None else
              dict(batch_size=cfg.batch_size, shuffle=train, drop_last=train and len(dataset) > cfg.batch_size))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -14,20 +13,24 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data import _resolve, clean_table, image_transforms, load_image
+from .files import atomic_write, file_fingerprint
 from .model import CLIPModel
-from .scale.index import build_index, index_kind, load_index, save_index, search_index
+from .scale.index import build_index, exact_top_k, index_kind, load_index, save_index, search_index
 from .text import normalize_caption
 
 
 @torch.no_grad()
 def encode_images(model: CLIPModel, images, cfg: Config, batch_size: int = 128) -> torch.Tensor:
-    """Unit-length embeddings (N, D) of images given as paths, PIL images or RGB arrays."""
+    """Unit-length embeddings (N, D) of images given as paths, PIL images or RGB arrays.
+
+    Each image gets cfg.image_geometry's evaluation view as uint8 pixels, and the image tower normalises
+    them on its device: the pipeline training uses, without its augmentation.
+    """
     if len(images) == 0:
         raise ValueError("encode_images got no images: pass a non-empty list of paths, PIL images or arrays")
     device = next(model.parameters()).device
     encoder = model.image_encoder
-    transform = image_transforms(cfg, train=False, mean=encoder.mean, std=encoder.std, crop_pct=encoder.crop_pct,
-                                 interpolation=encoder.interpolation)
+    transform = image_transforms(cfg, train=False, normalize=False, **encoder.crop)
     if model.training:  # eval() walks every module: skip it when there is nothing to switch
         model.eval()
     out = []
@@ -35,7 +38,8 @@ def encode_images(model: CLIPModel, images, cfg: Config, batch_size: int = 128) 
         arrays = [load_image(_resolve(im, cfg), cfg.image_size) if isinstance(im, (str, Path))
                   else np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)
                   for im in images[start:start + batch_size]]
-        pixels = torch.stack([transform(image=a)["image"] for a in arrays]).to(device)  # (b, 3, H, W)
+        pixels = np.stack([transform(image=a)["image"] for a in arrays])  # (b, H, W, 3) uint8
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device)  # (b, 3, H, W)
         out.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
     return torch.cat(out)  # (N, D)
 
@@ -182,19 +186,15 @@ def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=t
     if cache_dir is None:
         embeds = encode_images(model, images, cfg).to(dtype)
         return embeds if index is None else (embeds, build_index(embeds, index))
-    files = hashlib.sha1(f"{cfg.image_size} {cfg.eval_resize} {model.image_encoder.mean} {model.image_encoder.std} "
-                         f"{model.image_encoder.crop_pct}\n".encode())
-    for image in images:
-        stat = os.stat(_resolve(image, cfg))
-        files.update(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    name = f"gallery-{_image_fingerprint(model)[:12]}-{files.hexdigest()[:12]}-{str(dtype)[6:]}.npy"
+    encoder = model.image_encoder
+    files = file_fingerprint([_resolve(image, cfg) for image in images], cfg.image_size, cfg.image_geometry,
+                             encoder.mean, encoder.std, encoder.crop_pct, encoder.interpolation)
+    name = f"gallery-{_image_fingerprint(model)[:12]}-{files[:12]}-{str(dtype)[6:]}.npy"
     path = Path(cache_dir) / name
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         embeds = encode_images(model, images, cfg).to(dtype).numpy()
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, embeds)
-        os.replace(tmp, path)  # a crash mid-write never leaves a truncated cache behind
+        with atomic_write(path) as partial:  # a crash mid-write never leaves a truncated cache behind
+            np.save(partial, embeds)
     embeds = np.load(path, mmap_mode=None if in_memory else "r")
     embeds = torch.from_numpy(embeds) if in_memory else embeds
     if index is None:
@@ -207,27 +207,17 @@ def embed_gallery(model: CLIPModel, images, cfg: Config, cache_dir=None, dtype=t
     return embeds, built
 
 
-def top_k_scores(image_embeds, query_embed: torch.Tensor, k: int, chunk_size: int = 1 << 18):
-    """(scores, indices) of the k gallery rows most similar to one query, scanning the gallery in chunks.
+def top_k_scores(image_embeds, query_embed: torch.Tensor, k: int, chunk_size: int = 1 << 16):
+    """(scores, indices) of the k gallery rows most similar to one query: the exact scan, chunk by chunk (exact_top_k).
 
     Args:
         image_embeds: (N, D) tensor or numpy array (a memory map is read chunk by chunk).
         query_embed: (D,) unit vector.
         k: how many results.
-        chunk_size: rows per chunk; bounds the temporary memory.
+        chunk_size: rows per chunk, scored in float32; bounds the temporary memory.
     """
     _check_k(k)
-    best_scores, best_indices = [torch.empty(0)], [torch.empty(0, dtype=torch.long)]  # an empty gallery finds nothing
-    for start in range(0, len(image_embeds), chunk_size):
-        chunk = image_embeds[start:start + chunk_size]
-        chunk = torch.from_numpy(np.array(chunk)) if isinstance(chunk, np.ndarray) else chunk  # reads a memory map
-        scores = chunk @ query_embed.to(chunk.dtype)  # (n,)
-        top = scores.topk(min(k, len(scores)))
-        best_scores.append(top.values.float())
-        best_indices.append(top.indices + start)
-    scores, indices = torch.cat(best_scores), torch.cat(best_indices)
-    top = scores.topk(min(k, len(scores)))
-    return top.values, indices[top.indices]
+    return exact_top_k(image_embeds, query_embed, k, chunk_size)  # float32 scores; an empty gallery finds nothing
 
 
 def _check_k(k) -> None:

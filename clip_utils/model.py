@@ -4,12 +4,12 @@ from __future__ import annotations
 import warnings
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config, _seed_everything
-from .data import normalization_table
 from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
 
 
@@ -18,9 +18,26 @@ def _is_transformers_clip(name: str) -> bool:
     return "/" in name and not name.startswith(("hf-hub:", "hf_hub:"))
 
 
+def normalization_table(mean, std) -> torch.Tensor:
+    """(3, 256) float32: what albumentations' Normalize turns each uint8 level of each channel into.
+
+    Applied on the model's device (ImageEncoder), it gives exactly the numbers per-image
+    normalisation in the loader would, while the loader ships 4x fewer bytes and skips that work.
+    """
+    import albumentations as A
+
+    levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3)
+    return torch.from_numpy(A.Normalize(mean=mean, std=std)(image=levels)["image"][:, 0, :].T.copy())  # (3, 256)
+
+
 class ImageEncoder(nn.Module):
     """Any timm backbone with its classifier removed, or a transformers CLIP vision tower:
-    images (B, 3, H, W), normalised floats or uint8 pixels (normalised here) -> pooled features (B, F)."""
+    images (B, 3, H, W), uint8 pixels (normalised here) or normalised floats -> pooled features (B, F).
+
+    The tower owns its preprocessing: its mean and std (applied here, on its device, to the uint8
+    pixels that training and evaluation loaders both send) and its evaluation crop (crop_pct and
+    interpolation, which data.image_transforms reads through `crop`).
+    """
 
     def __init__(self, cfg: Config, model=None):
         super().__init__()
@@ -61,8 +78,13 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"{cfg.image_model} takes {model.config.image_size} px images but cfg.image_size is "
                              f"{cfg.image_size}: set image_size={model.config.image_size}")
 
+    @property
+    def crop(self) -> dict:
+        """The tower's crop fraction and resampling, as image_transforms and make_loader take them."""
+        return dict(crop_pct=self.crop_pct, interpolation=self.interpolation)
+
     def forward(self, images):
-        if images.dtype == torch.uint8:  # raw pixels from a training loader: normalise here, on the device
+        if images.dtype == torch.uint8:  # raw pixels from a loader or encode_images: normalise here, on the device
             channel = torch.arange(3, device=images.device).view(1, 3, 1, 1)
             images = self.pixel_table[channel, images.long()].contiguous(memory_format=torch.channels_last)
         if self.from_transformers:

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from .checkpoints import _load_weights, restore_training_state, save_checkpoint, save_training_state
-from .config import Config, _seed_everything
+from .config import Config, _device, _seed_everything
 from .data import clean_table, make_loader, similar_batches
 from .evaluate import encode_images
 from .losses import clip_loss, soft_target_loss
@@ -55,7 +55,7 @@ def _mixed_precision(cfg: Config) -> str:
     fp32 ("no") on CPUs."""
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"cfg.precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    cuda = _device(cfg).type == "cuda"
     if cfg.precision != "auto":
         return "no" if cfg.precision == "fp32" else "bf16"
     if not cuda:
@@ -79,7 +79,7 @@ def _accelerator(cfg: Config):
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != precision and shared.get("num_processes", 1) == 1:
         AcceleratorState._reset_state()  # one process (a notebook fitting fp32, then bf16): nothing else to undo
-    cpu = cfg.device == "cpu" or not torch.cuda.is_available()  # several CPU processes then talk over gloo
+    cpu = _device(cfg).type == "cpu"  # several CPU processes then talk over gloo
     return Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
 
 
@@ -222,8 +222,7 @@ def fit(model: CLIPModel, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config
     _check_training_tables(train_df, val_df, cfg)
     if len(val_df) < world:
         raise ValueError(f"val_df has {len(val_df)} rows, fewer than the {world} processes: give it more rows")
-    norm = dict(mean=model.image_encoder.mean, std=model.image_encoder.std, crop_pct=model.image_encoder.crop_pct,
-                interpolation=model.image_encoder.interpolation)
+    norm = model.image_encoder.crop  # the tower's own crop; it normalises the loaders' uint8 pixels itself
     if not streaming:
         with accelerator.local_main_process_first():  # one process per machine fills cfg.image_cache
             train_loader = make_loader(train_df, tokenizer, cfg, train=True, **norm)
@@ -262,7 +261,7 @@ def fit(model: CLIPModel, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config
         own_seed = cfg.seed + epoch + 7919 * rank  # process 0 seeds as a single process does
         torch.manual_seed(own_seed)  # dropout
         if streaming:
-            epoch_loader = stream_loader(train_df, tokenizer, cfg, rank, world, epoch, norm["mean"], norm["std"])
+            epoch_loader = stream_loader(train_df, tokenizer, cfg, rank, world, epoch, **norm)
         else:
             train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling (random batches) and worker seeds
             train_loader.dataset.transform.set_random_seed(own_seed)  # augmentation
@@ -376,7 +375,7 @@ def main(argv=None) -> None:
 
     # The other processes wait at a barrier while the main one prepares the data: a Flickr8k download and
     # translation take minutes, longer than NCCL's default 10-minute timeout (COCO-35L: use --prepare-only first).
-    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available(),
+    state = PartialState(cpu=_device(cfg).type == "cpu",
                          timeout=datetime.timedelta(minutes=60))
     with state.main_process_first():  # the main process downloads or draws the data; the others find it cached
         if args.train_csv:

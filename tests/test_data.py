@@ -1,4 +1,5 @@
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -160,3 +161,17 @@ def test_training_batches_carry_uint8_pixels_that_the_encoder_normalises_exactly
     with torch.no_grad():
         assert torch.equal(encoder(pixels.contiguous(memory_format=torch.channels_last)),
                            encoder(expected.contiguous(memory_format=torch.channels_last)))
+
+
+@pytest.mark.parametrize("geometry", ["square", "crop"])
+def test_evaluation_embeddings_match_normalising_on_the_cpu(geometry, synthetic, tiny_model, tiny_cfg):
+    """encode_images sends uint8 pixels for the tower to normalise: the embeddings normalising first would give."""
+    model, _ = tiny_model
+    cfg = dataclasses.replace(tiny_cfg, image_geometry=geometry)
+    encoder = model.image_encoder
+    images = list(synthetic[3]["image"].unique()[:6])
+    floats = cu.image_transforms(cfg, train=False, mean=encoder.mean, std=encoder.std, **encoder.crop)
+    pixels = torch.stack([floats(image=cu.load_image(p, cfg.image_size))["image"] for p in images])  # (6, 3, H, W)
+    with torch.no_grad():
+        before = torch.nn.functional.normalize(model.eval().encode_image(pixels), dim=-1)  # the old way: CPU Normalize
+    assert torch.allclose(cu.encode_images(model, images, cfg), before, atol=1e-5)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import rehearsal  # tests/ is on sys.path (pytest rootdir-less test modules)
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import clip_utils as cu
 
@@ -86,6 +86,17 @@ def test_load_checkpoint_says_what_is_wrong(tmp_path):
         cu.load_checkpoint(tmp_path / "pub")
 
 
+def test_a_checkpoint_saved_before_image_geometry_loads_square(tmp_path, tiny_model, tiny_cfg):
+    model, tokenizer = tiny_model
+    crop_cfg = dataclasses.replace(tiny_cfg, image_geometry="crop")
+    folder = cu.save_checkpoint(tmp_path / "old", model, tokenizer, crop_cfg)
+    meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    del meta["config"]["image_geometry"]
+    meta["config"]["eval_resize"] = "crop"  # the old field: every model then was trained on square photos
+    (folder / "config.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert cu.load_checkpoint(folder, device="cpu")[2].image_geometry == "square"
+
+
 def test_cats_vs_dogs_from_the_hub_cache_and_the_probe_split(tmp_path, hub_cache):
     rehearsal._cats_vs_dogs(rehearsal.hub_repo(hub_cache, cu.CATS_VS_DOGS, "dataset"), hub_cache)
     folder = cu.download_cats_vs_dogs(tmp_path / "probe", per_class=10)
@@ -102,10 +113,10 @@ def test_cats_vs_dogs_from_the_hub_cache_and_the_probe_split(tmp_path, hub_cache
         cu.split_labelled(table[table["label"] == "बिल्ली"])
 
 
-def test_eval_keeps_the_aspect_ratio_for_pretrained_towers_and_squares_the_published(tmp_path, tiny_cfg):
+def test_crop_keeps_the_aspect_ratio_square_stretches_and_the_published_is_square(tmp_path, tiny_cfg):
     wide = np.zeros((100, 200, 3), np.uint8)
     wide[:, 50:150] = 255  # a white centre square on black sides
-    crop_cfg = dataclasses.replace(tiny_cfg, eval_resize="crop")
+    crop_cfg = dataclasses.replace(tiny_cfg, image_geometry="crop")
     cropped = cu.image_transforms(crop_cfg, train=False, mean=(0, 0, 0), std=(1, 1, 1), crop_pct=0.95,
                                   interpolation="bicubic")(image=wide)["image"]
     squared = cu.image_transforms(tiny_cfg, train=False, mean=(0, 0, 0), std=(1, 1, 1))(image=wide)["image"]
@@ -113,12 +124,56 @@ def test_eval_keeps_the_aspect_ratio_for_pretrained_towers_and_squares_the_publi
     assert cropped.mean() > 0.9  # shorter side to 33 px, centre 32 px: almost all of the white square
     assert 0.4 < squared.mean() < 0.6  # squashed: the black sides stay in
     published = cu.checkpoints._published_config(None, residual=True)
-    assert published.eval_resize == "square" and cu.Config.full().eval_resize == "crop"
-    assert cu.Config.quick().eval_resize == "square"
+    assert published.image_geometry == "square"  # it was trained square, so it is evaluated square
+    assert cu.Config.full().image_geometry == "square" and cu.Config.quick().image_geometry == "square"
+    with pytest.raises(ValueError, match="no field 'eval_resize' any more: use image_geometry"):
+        cu.Config.full(eval_resize="crop")
     import timm
     from timm.data import resolve_data_config
 
     assert resolve_data_config({}, model=timm.create_model("resnet50"))["crop_pct"] == 0.95  # what ImageEncoder reads
+
+
+def _object_shape(images: torch.Tensor) -> list[tuple[float, float]]:
+    """(width / height, area) of the bright object's bounding box in each uint8 image (B, 3, H, W)."""
+    shapes = []
+    for image in images.float().mean(1) > 127:  # (H, W) mask
+        rows, cols = image.any(1).nonzero(), image.any(0).nonzero()
+        height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        shapes.append((width / height, width * height))
+    return shapes
+
+
+@pytest.mark.parametrize("geometry, aspect", [("square", 0.75), ("crop", 1.0)])
+def test_training_and_evaluation_see_a_photo_the_same_way(geometry, aspect, tmp_path, tiny_model, tiny_cfg):
+    """A round object on a 4:3 photo: the training loader's views and encode_images' view agree in shape and size."""
+    model, tokenizer = tiny_model
+    cfg = dataclasses.replace(tiny_cfg, image_geometry=geometry, image_size=96, batch_size=8)
+    photo = Image.new("RGB", (320, 240))
+    ImageDraw.Draw(photo).ellipse((160 - 48, 120 - 48, 160 + 48, 120 + 48), fill=(255, 255, 255))
+    photo.save(tmp_path / "wide.png")
+    table = pd.DataFrame({"image": [str(tmp_path / "wide.png")] * 32, "caption": ["एक सफ़ेद गोला"] * 32})
+    loader = cu.make_loader(table, tokenizer, cfg, train=True, **model.image_encoder.crop)
+    train_shapes = [s for batch in loader for s in _object_shape(batch["images"])]  # 32 augmented views
+    seen = []  # what encode_images hands the image tower (then stop: the tiny tower's head is built for 32 px)
+
+    def look(module, args):
+        seen.append(args[0])
+        raise StopIteration
+
+    hook = model.image_encoder.register_forward_pre_hook(look)
+    try:
+        with pytest.raises(StopIteration):
+            cu.encode_images(model, [str(tmp_path / "wide.png")], cfg)
+    finally:
+        hook.remove()
+    (eval_aspect, eval_area), = _object_shape(seen[0])
+    assert seen[0].dtype == torch.uint8 and seen[0].shape == (1, 3, 96, 96)  # the tower normalises, as in training
+    assert eval_aspect == pytest.approx(aspect, rel=0.06)  # "square" squashes a 4:3 photo; "crop" keeps a circle round
+    median_aspect = float(np.median([a for a, _ in train_shapes]))
+    median_area = float(np.median([a for _, a in train_shapes]))
+    assert median_aspect == pytest.approx(eval_aspect, rel=0.06)  # the same shape in training...
+    assert median_area == pytest.approx(eval_area, rel=0.15)  # ...and the same size
 
 
 def test_exif_orientation_is_applied(tmp_path):

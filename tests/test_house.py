@@ -38,6 +38,7 @@ def test_rooms_import_one_way_without_cycles():
     for room in graph:
         visit(room, [])
     assert not graph["config"], "config is the ground floor: it imports no other room"
+    assert "data" not in graph["model"], "the image tower owns its preprocessing: model does not import data"
 
 
 def test_init_only_reexports_and_every_name_resolves():

@@ -41,6 +41,18 @@ def test_small_galleries_get_the_exact_top_k():
         cu.build_index(gallery, kind="hnsw")
 
 
+def test_one_exact_scan_for_one_query_or_many_in_chunks():
+    gallery, queries = _clustered(1_000).half(), _clustered(5, seed=1)  # float16, as embed_gallery stores it
+    truth = queries @ gallery.float().T  # (5, 1000)
+    want = truth.topk(9, dim=1)
+    scores, indices = cu.scale.index.exact_top_k(gallery.numpy(), queries, 9, chunk_size=128)  # a memory map's type
+    assert torch.equal(indices, want.indices) and torch.allclose(scores, want.values, atol=1e-6)
+    one_scores, one = cu.top_k_scores(gallery, queries[2], k=9, chunk_size=100)  # the lesson's name, one query
+    assert torch.equal(one, want.indices[2]) and torch.allclose(one_scores, want.values[2], atol=1e-6)
+    empty_scores, empty = cu.top_k_scores(gallery[:0], queries[0], k=3)
+    assert empty_scores.shape == empty.shape == (0,)
+
+
 def test_recall_is_measured_not_assumed():
     gallery, queries = _clustered(20_000), _clustered(100, seed=1)
     assert cu.index_recall(cu.build_index(gallery, kind="exact"), gallery, queries) == 1.0
@@ -64,7 +76,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert again.nprobe == 7 and again.ntotal == 5_000
     for a, b in zip(cu.search_index(index, queries, 10), cu.search_index(again, queries, 10)):
         assert torch.equal(a, b)
-    assert not list(tmp_path.glob("sub/*.tmp"))
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["gallery.faiss"]  # no temporary file left
     with pytest.raises(ValueError, match="not 4000 of 32"):
         cu.load_index(path, n_images=4_000, dim=32)
 

@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import clip_utils as cu
 from clip_utils.scale.shards import _samples
@@ -103,27 +105,43 @@ def test_fit_trains_from_a_shard_folder(shards, synthetic, tiny_cfg, tmp_path):
         cu.fit(model, tokenizer, folder, val, dataclasses.replace(cfg, hard_negatives=4))
 
 
-def test_the_decode_once_cache_gives_the_pixels_decoding_gives(synthetic, tiny_cfg, tmp_path):
+@pytest.mark.parametrize("geometry", ["square", "crop"])
+def test_the_decode_once_cache_gives_the_pixels_decoding_gives(geometry, synthetic, tiny_cfg, tmp_path):
     _, train, _, _ = synthetic
-    table = train.head(40)
-    cached_cfg = dataclasses.replace(tiny_cfg, image_cache=str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    sizes = [(60, 80), (80, 60), (50, 50), (40, 90), (90, 45)]  # (H, W): landscape, portrait, square, panoramas
+    for k, (height, width) in enumerate(sizes):  # "crop" keeps each photo's own aspect ratio in the cache
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+    odd = pd.DataFrame({"image": [str(tmp_path / f"{k % 5}.png") for k in range(15)],
+                        "caption": list(train["caption"].head(15))})
+    table = pd.concat([train.head(25), odd], ignore_index=True)
+    crop = dict(crop_pct=0.9, interpolation="bicubic")
+    plain_cfg = dataclasses.replace(tiny_cfg, image_geometry=geometry)
+    cached_cfg = dataclasses.replace(plain_cfg, image_cache=str(tmp_path / "cache"))
     _, tokenizer = cu.build_model(tiny_cfg, captions=train["caption"])
-    plain = cu.make_loader(table, tokenizer, tiny_cfg, train=True)
-    cached = cu.make_loader(table, tokenizer, cached_cfg, train=True)
+    plain = cu.make_loader(table, tokenizer, plain_cfg, train=True, **crop)
+    cached = cu.make_loader(table, tokenizer, cached_cfg, train=True, **crop)
     assert cached.dataset.cache and not plain.dataset.cache
-    pixels = np.load(cached.dataset.cache)
-    assert pixels.shape == (table["image"].nunique(), tiny_cfg.image_size, tiny_cfg.image_size, 3)
+    shapes = np.load(Path(cached.dataset.cache).with_suffix(".index.npy"))  # (I, 3): offset, height, width
+    assert len(shapes) == table["image"].nunique()
+    side = tiny_cfg.image_size if geometry == "square" else int(tiny_cfg.image_size / 0.9)
+    assert (shapes[:, 1:].min(1) == side).all()  # the shorter side at what the transform resizes it to
+    assert (shapes[:, 1] == shapes[:, 2]).all() == (geometry == "square")  # "crop" keeps the photos' ratios
     for loader in (plain, cached):
         loader.generator.manual_seed(0)
         loader.dataset.transform.set_random_seed(0)
     for a, b in zip(plain, cached):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["image_ids"], b["image_ids"])
-    files = list((tmp_path / "cache").iterdir())
-    stamp = os.stat(files[0]).st_mtime_ns
-    cu.make_loader(table, tokenizer, cached_cfg, train=True)  # the same table again: the same file, untouched
-    assert list((tmp_path / "cache").iterdir()) == files and os.stat(files[0]).st_mtime_ns == stamp
-    cu.make_loader(table, tokenizer, dataclasses.replace(cached_cfg, image_size=24), train=True)
-    assert len(list((tmp_path / "cache").iterdir())) == 2  # another size, another file
+    files = sorted((tmp_path / "cache").iterdir())
+    assert len(files) == 2  # the pixels and their index, no temporary file left behind
+    stamps = [os.stat(f).st_mtime_ns for f in files]
+    cu.make_loader(table, tokenizer, cached_cfg, train=True, **crop)  # the same table again: the same files, untouched
+    assert sorted((tmp_path / "cache").iterdir()) == files and [os.stat(f).st_mtime_ns for f in files] == stamps
+    cu.make_loader(table, tokenizer, dataclasses.replace(cached_cfg, image_size=24), train=True, **crop)
+    assert len(list((tmp_path / "cache").iterdir())) == 4  # another size, other files
+    other = "crop" if geometry == "square" else "square"
+    cu.make_loader(table, tokenizer, dataclasses.replace(cached_cfg, image_geometry=other), train=True, **crop)
+    assert len(list((tmp_path / "cache").iterdir())) == 6  # another geometry, other files
     assert not cu.make_loader(table, tokenizer, cached_cfg, train=False).dataset.cache  # evaluation decodes
 
 
@@ -151,3 +169,16 @@ def test_shards_are_rewritten_only_for_another_table_and_max_side_shrinks_photos
     photos = [s["jpg"] for s in _all_samples(small)]
     assert len(photos) == 20
     assert all(min(cu.load_image(io.BytesIO(p)).shape[:2]) == 40 for p in photos)  # 96 px scenes, shorter side 40
+
+
+def test_shards_are_rewritten_when_a_photo_is_replaced_under_its_name(synthetic, tiny_cfg, tmp_path):
+    _, train, _, _ = synthetic
+    photos = [shutil.copy(p, tmp_path) for p in train["image"].unique()[:4]]
+    table = pd.DataFrame({"image": photos * 2, "caption": list(train["caption"].head(8))})
+    folder = cu.write_shards(table, tmp_path / "shards", tiny_cfg)
+    stamp = (folder / "index.json").stat().st_mtime_ns
+    cu.write_shards(table, folder, tiny_cfg)
+    assert (folder / "index.json").stat().st_mtime_ns == stamp  # nothing changed: kept
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(photos[0])  # a new photo, the same name and rows
+    cu.write_shards(table, folder, tiny_cfg)
+    assert (folder / "index.json").stat().st_mtime_ns != stamp  # written again with the new pixels

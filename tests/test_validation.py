@@ -44,7 +44,7 @@ def _raises(call, pattern, error=ValueError):
     ("device", "gpu", "'auto', 'cpu' or 'cuda'"),
     ("device", "cuda:1", "CUDA_VISIBLE_DEVICES"),
     ("heads", "conv", "'mlp' or 'linear'"),
-    ("eval_resize", "stretch", "'crop' or 'square'"),
+    ("image_geometry", "stretch", "'square' or 'crop'"),
 ])
 def test_an_unknown_choice_names_the_field_value_and_choices(field, value, allowed):
     pattern = re.escape(f"{field}={value!r}: use ") + ".*" + re.escape(allowed)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_write
+
 # Up to this many images the exact scan (one matrix product) takes about a millisecond on 2 cores:
 # an approximate index would only cost recall. Past it the scan grows linearly (3-10 ms at 100k).
 EXACT_UP_TO = 50_000
@@ -112,9 +114,20 @@ def search_index(index, query_embeds: torch.Tensor, k: int):
     return scores, indices
 
 
-def exact_top_k(gallery_embeds, query_embeds: torch.Tensor, k: int, chunk_size: int = 1 << 16) -> torch.Tensor:
-    """Indices (Q, k) of the exact float32 top-k: the ground truth that index_recall compares against."""
-    queries = torch.as_tensor(query_embeds).float().reshape(len(query_embeds), -1)  # (Q, D)
+def exact_top_k(gallery_embeds, query_embeds: torch.Tensor, k: int, chunk_size: int = 1 << 16):
+    """(scores, indices) of the exact float32 top-k, reading the gallery chunk by chunk (a memory map too).
+
+    The one exact scan: top_k_scores searches with it, and it is the ground truth index_recall compares with.
+
+    Args:
+        gallery_embeds: (N, D) tensor or array, float16 or float32.
+        query_embeds: (D,) one query, giving (k,) scores and indices, or (Q, D), giving (Q, k) each.
+        k: how many results (fewer if the gallery is smaller).
+        chunk_size: gallery rows scored at a time, which bounds the extra memory.
+    """
+    queries = torch.as_tensor(query_embeds).float()
+    single = queries.dim() == 1
+    queries = queries.reshape(-1, queries.shape[-1])  # (Q, D)
     best_scores = torch.empty(len(queries), 0)
     best_indices = torch.empty(len(queries), 0, dtype=torch.long)
     for start in range(0, len(gallery_embeds), chunk_size):
@@ -123,7 +136,7 @@ def exact_top_k(gallery_embeds, query_embeds: torch.Tensor, k: int, chunk_size: 
         indices = torch.cat([best_indices, torch.arange(start, start + len(chunk)).expand(len(queries), -1)], dim=1)
         top = scores.topk(min(k, scores.shape[1]), dim=1)
         best_scores, best_indices = top.values, indices.gather(1, top.indices)
-    return best_indices
+    return (best_scores[0], best_indices[0]) if single else (best_scores, best_indices)
 
 
 def index_recall(index, gallery_embeds, query_embeds: torch.Tensor, k: int = 10) -> float:
@@ -138,7 +151,7 @@ def index_recall(index, gallery_embeds, query_embeds: torch.Tensor, k: int = 10)
     if index.ntotal != len(gallery_embeds):
         raise ValueError(f"the index holds {index.ntotal} rows but the gallery {len(gallery_embeds)}: "
                          "measure it against the embeddings it was built from")
-    exact = exact_top_k(gallery_embeds, query_embeds, k)  # (Q, k)
+    _, exact = exact_top_k(gallery_embeds, query_embeds, k)  # (Q, k)
     _, found = search_index(index, query_embeds.reshape(len(query_embeds), -1), k)  # (Q, k)
     hits = [len(set(a) & set(b)) for a, b in zip(exact.tolist(), found.tolist())]
     return sum(hits) / exact.numel()
@@ -147,10 +160,8 @@ def index_recall(index, gallery_embeds, query_embeds: torch.Tensor, k: int = 10)
 def save_index(index, path) -> Path:
     """Write the index to `path` atomically (a crash never leaves a truncated file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    _faiss().write_index(index, str(tmp))
-    os.replace(tmp, path)
+    with atomic_write(path) as partial:
+        _faiss().write_index(index, str(partial))
     return path
 
 

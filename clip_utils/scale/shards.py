@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import warnings
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from ..config import Config
 from ..data import _collate, _loader_workers, _resolve, clean_table, image_transforms, load_image
+from ..files import atomic_write, file_fingerprint
 
 # A shard is a plain tar file: for each caption row, "<key>.jpg" (or the photo's own suffix: .png, .webp)
 # holding the image file's bytes, "<key>.txt" the caption and "<key>.json" {"image_id", "image"}, members of
@@ -24,10 +24,11 @@ SHUFFLE_BUFFER = 1000  # samples (encoded: ~160 MB of COCO photos) each worker s
 
 
 def _fingerprint(df: pd.DataFrame, cfg: Config, max_side) -> str:
-    """A hash of what write_shards would write: the rows, the seed that shuffles them and the photo size."""
+    """A hash of what write_shards would write: the rows, their photo files, the shuffling seed, the photo size."""
     import hashlib
 
-    digest = hashlib.sha256(f"{cfg.seed} {max_side} {cfg.image_dir}".encode())
+    files = file_fingerprint([_resolve(image, cfg) for image in pd.unique(df["image"])])  # photos replaced in place too
+    digest = hashlib.sha256(f"{cfg.seed} {max_side} {cfg.image_dir} {files}".encode())
     for image, caption in zip(df["image"], df["caption"]):
         digest.update(f"{image}\t{caption}\n".encode())
     return digest.hexdigest()
@@ -95,9 +96,8 @@ def write_shards(df: pd.DataFrame, folder, cfg: Config, rows_per_shard: int = 10
                     tar.addfile(info, io.BytesIO(data))
         shards.append(dict(name=name, rows=len(rows)))
     index = dict(rows=len(df), images=len(images), fingerprint=fingerprint, shards=shards)
-    partial = folder / f"{INDEX}.part"
-    partial.write_text(json.dumps(index, indent=1))
-    os.replace(partial, folder / INDEX)  # all or nothing: a reader never sees half an index
+    with atomic_write(folder / INDEX) as partial:  # all or nothing: a reader never sees half an index
+        partial.write_text(json.dumps(index, indent=1))
     return folder
 
 
@@ -206,7 +206,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
 
 
 def stream_loader(folder, tokenizer, cfg: Config, rank: int = 0, world: int = 1, epoch: int = 1,
-                  mean=None, std=None):
+                  crop_pct=None, interpolation: str = "bilinear"):
     """A DataLoader streaming this process's share of a shard folder: len() batches of batch_size / world rows.
 
     Each epoch reshuffles the shard order (the same on every process) and each reader's sample
@@ -221,11 +221,11 @@ def stream_loader(folder, tokenizer, cfg: Config, rank: int = 0, world: int = 1,
         cfg: batch_size (the global batch), image_size, num_workers, seed.
         rank, world: this process's index and the number of processes.
         epoch: reseeds shard order, sample order and augmentation.
-        mean, std: the image encoder's normalisation (defaults to ImageNet's).
+        crop_pct, interpolation: the image encoder's crop (ImageEncoder.crop), for cfg.image_geometry="crop".
     """
-    norm = {k: v for k, v in dict(mean=mean, std=std).items() if v is not None}
     workers, cuda = _loader_workers(cfg)
-    transform = image_transforms(cfg, True, normalize=False, **norm)  # uint8 pixels: the encoder normalises
+    transform = image_transforms(cfg, True, normalize=False, crop_pct=crop_pct,
+                                 interpolation=interpolation)  # uint8 pixels: the encoder normalises
     stream = _ShardStream(folder, tokenizer, cfg, rank, world, epoch, transform, workers)
     if len(stream) == 0:
         raise ValueError(f"{folder} holds {read_index(folder)['rows']} rows in {len(stream.shards)} shards: too "

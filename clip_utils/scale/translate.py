@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import Config
+from ..config import Config, _pick_device
+from ..files import atomic_write
 from ..text import normalize_caption
 
 DEFAULT_TRANSLATOR = Config.translator  # facebook/nllb-200-distilled-600M, CC-BY-NC-4.0: see the README
@@ -87,7 +88,7 @@ def _load_translator(model_name: str, src_lang: str, device: str, dtype):
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    device = _pick_device(device)
     if dtype == "auto":  # T4s and older GPUs have no bf16; half precision on a CPU is slow
         native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         dtype = torch.bfloat16 if native_bf16 else torch.float16 if device.type == "cuda" else torch.float32
@@ -135,7 +136,8 @@ def translate_captions(source, out_path, model_name: str = DEFAULT_TRANSLATOR, s
     else:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(",".join(TRANSLATION_COLUMNS) + "\n", encoding="utf-8")
-        meta.write_text(json.dumps(settings))
+        with atomic_write(meta) as partial:  # a torn settings file would stop every later run
+            partial.write_text(json.dumps(settings))
         done = pd.DataFrame(columns=TRANSLATION_COLUMNS)
     done_keys = set(zip(done["image"], done["number"]))
     todo = english[[key not in done_keys for key in zip(english["image"], english["number"])]]
@@ -177,10 +179,9 @@ def translate_captions(source, out_path, model_name: str = DEFAULT_TRANSLATOR, s
             warnings.warn(f"{out_path} holds captions that are not in {source}; they are kept at the end",
                           stacklevel=2)
         table = table.iloc[sorted(range(len(table)), key=position.__getitem__)].reset_index(drop=True)
-        partial = out_path.with_name(out_path.name + ".tmp")
-        partial.write_text(",".join(TRANSLATION_COLUMNS) + "\n" + _csv_lines(table.itertuples(index=False)),
-                           encoding="utf-8")
-        os.replace(partial, out_path)
+        with atomic_write(out_path) as partial:
+            partial.write_text(",".join(TRANSLATION_COLUMNS) + "\n" + _csv_lines(table.itertuples(index=False)),
+                               encoding="utf-8")
     return table
 
 
