@@ -217,7 +217,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="", help="run folder or Hub id (default: as load_trained finds)")
     parser.add_argument("--gallery", default=os.environ.get("CLIP_HINDI_GALLERY", ""),
-                        help="folder of images to search (default: the mode's test split)")
+                        help="folder of images to search (default: gallery/ beside app.py, as in a Space, "
+                             "else the mode's test split)")
     parser.add_argument("--classes", default="", help="zero-shot class names, comma-separated")
     parser.add_argument("--cache", default="", help="embedding cache folder (default: <run folder>/gallery_cache)")
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; a Space sets it)")
@@ -229,7 +230,8 @@ def main(argv=None) -> None:
     cfg = cu.Config.from_env()
     cfg.out_dir = str(Path(os.environ.get("CLIP_HINDI_RUNS") or ROOT / "runs") / Path(cfg.out_dir).name)
     model, tokenizer, model_cfg, source = load_model(cfg, args.checkpoint, args.train)
-    gallery, gallery_name = load_gallery(model_cfg, args.gallery)
+    beside = ROOT / "gallery"  # where demo.space puts a Space's photos
+    gallery, gallery_name = load_gallery(model_cfg, args.gallery or (beside if beside.is_dir() else ""))
     cache = args.cache or Path(cfg.out_dir) / "gallery_cache"
     launch(model, tokenizer, model_cfg, gallery, parse_classes(args.classes), source, gallery_name, cache,
            share=args.share or None, server_name=args.host, server_port=args.port)

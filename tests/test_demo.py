@@ -34,7 +34,7 @@ def _missing(what: str) -> None:
 
 
 try:
-    import gradio  # noqa: F401
+    import gradio
     from gradio_client import Client, handle_file
 except ImportError:
     if IN_CI:
@@ -223,3 +223,23 @@ def test_in_a_real_browser(server, trained, tmp_path):
         assert "Traceback" not in browser.page_source
     finally:
         browser.quit()
+
+
+def test_space_folder_runs_and_its_card_matches_the_pins(tmp_path):
+    from demo.space import assemble_space
+
+    photos = tmp_path / "photos" / "set1"
+    photos.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(photos / "a.png")
+    space = assemble_space(tmp_path / "space", gallery=tmp_path / "photos")
+    card = (space / "README.md").read_text(encoding="utf-8")
+    meta = dict(line.split(": ", 1) for line in card.split("---")[1].strip().splitlines())
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and (space / meta["app_file"]).exists()
+    demo_pins = (ROOT / "requirements-demo.txt").read_text(encoding="utf-8")
+    assert f"gradio=={meta['sdk_version']}" in demo_pins and meta["sdk_version"] == gradio.__version__
+    requirements = (space / "requirements.txt").read_text(encoding="utf-8").split()
+    assert "torch==" in " ".join(requirements) and not any(r.startswith(("pytest", "ruff")) for r in requirements)
+    assert [p.name for p in (space / "gallery").iterdir()] == ["set1_a.png"]
+    help_text = subprocess.run([sys.executable, "app.py", "--help"], cwd=space, capture_output=True, text=True,
+                               timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert help_text.returncode == 0 and "--gallery" in help_text.stdout, help_text.stderr[-2000:]
