@@ -2,10 +2,10 @@
 
 Starts `python app.py` (quick mode, a quick-recipe checkpoint, the gallery folder, the embeddings cache)
 on a local port as a separate process, as a person would, then times whole requests:
-  api      gradio_client's predict("/search"): the HTTP request, the queue, query encoding, the search,
-           the gallery files the page would show, downloaded by the client (what the browser fetches next);
-  browser  (with --browser, when Chromium is installed) from pressing Enter in the page to the first
-           result's caption on screen, in headless Chromium;
+  browser  (with --browser; needs Chromium) from pressing Enter in the page to the results' captions on
+           screen, in headless Chromium: what a visitor waits for (the thumbnails then load on their own);
+  api      gradio_client's predict("/search"): the HTTP request, the queue, query encoding, the search and
+           the reply naming the result files (not downloading them: that is the thumbnails' part);
   search   cu.search_images alone, in this process, for comparison (what the page adds is the difference).
 The gallery (synthetic scenes at 64 px) and the checkpoint are made once under --work; the embeddings are
 computed at the first start and cached (a second run reuses them, as the app does). The checkpoint is the
@@ -85,7 +85,7 @@ def summary(name: str, seconds: list[float]) -> str:
 def time_api(url: str, queries: list[str], k: int) -> list[float]:
     from gradio_client import Client
 
-    client = Client(url, verbose=False)
+    client = Client(url, verbose=False, download_files=False)
     for query in QUERIES[:3]:  # warm-up: first-call costs (imports, thread pools) are not what a visitor waits for
         client.predict(query, k, api_name="/search")
     seconds = []
@@ -144,6 +144,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = serve(checkpoint, gallery, work, port)
+    load_before = os.getloadavg()[0]
     try:
         rows = [summary("api", time_api(f"http://127.0.0.1:{port}/", queries, args.k))]
         if args.browser:
@@ -160,7 +161,8 @@ def main() -> None:
         cu.search_images(query, model, tokenizer, images, cfg, k=args.k, index=index)
         seconds.append(time.perf_counter() - start)
     rows.append(summary("search", seconds))
-    print(f"{len(images)} images, k={args.k}, {os.cpu_count()} CPU cores")
+    print(f"{len(images)} images, k={args.k}, {os.cpu_count()} CPU cores, load average before / after "
+          f"{load_before:.1f} / {os.getloadavg()[0]:.1f} (other processes share the cores)")
     print("\n".join(rows))
 
 

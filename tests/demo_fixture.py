@@ -45,7 +45,7 @@ def colour_table(folder, per_colour: int = 1, seed: int = 0) -> pd.DataFrame:
 
 def tiny_config(out_dir, **overrides) -> cu.Config:
     """Quick mode shrunk to train in seconds on the colour pictures."""
-    base = dict(image_size=32, batch_size=8, epochs=25, vocab_size=1000,
+    base = dict(image_size=32, batch_size=8, epochs=16, vocab_size=1000,
                 max_minutes=None,  # a wall-clock budget would make the test depend on machine load
                 hard_negatives=0,
                 patience=1000,  # no learning-rate cuts: the tiny validation set is too noisy to steer them

@@ -155,6 +155,21 @@ def test_api_search_classify_and_bad_input(server, trained, tmp_path):
     assert items[0]["caption"].startswith("1. blue_0.png")
 
 
+def test_notebook_launch_serves_in_process(trained):
+    """What notebook 03's last cell calls: launch() on the model already in memory, without blocking."""
+    from demo.app import launch
+
+    folder, model, tokenizer, cfg, gallery = trained
+    page = launch(model, tokenizer, cfg, gallery, source="the notebook's model", cache_dir=folder / "nb_cache",
+                  share=False, prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    try:
+        items, status = Client(page.local_url, verbose=False).predict("नीला", 2, api_name="/search")
+        assert items[0]["caption"].startswith("1. blue_0.png") and "2 of 8" in status
+        assert list((folder / "nb_cache").glob("gallery-*.npy")), "the gallery embeddings are cached"
+    finally:
+        page.close()
+
+
 def _browser():
     """Headless Chromium through its Debian driver, or a skip (a failure in CI) when either is missing."""
     binary = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
