@@ -24,6 +24,7 @@ import clip_utils as cu
 ROOT = Path(__file__).resolve().parents[1]
 MAX_UPLOAD_MB = 20  # a phone photo is 2-8 MB; anything far larger is a mistake or an attack on the server
 MAX_PIXELS = 40_000_000  # 40 megapixels: bigger images are refused before decoding (decompression bombs)
+MAX_RESULTS = 24  # results per query: a page of thumbnails, not a dump of the gallery
 QUICK_CLASSES = list(cu.synthetic_classes("colour"))  # the eight colours: what the quick model knows best
 FULL_CLASSES = ["कुत्ता", "बिल्ली", "घोड़ा", "बच्चा", "साइकिल"]  # notebook 03's full-mode classes
 EXAMPLES = {"quick": ["एक बड़ा लाल त्रिभुज", "एक छोटा नीला तारा", "दो पीले गोले"],
@@ -92,7 +93,7 @@ def build_demo(model, tokenizer, cfg: cu.Config, gallery, classes, source: str =
         source: which model this is, shown on the page (load_trained's fourth value).
         gallery_name: where the gallery comes from, shown on the page.
         cache_dir: folder for the gallery embeddings and index (None: computed in memory each start).
-        k: results per query at start (the page's slider goes up to 24).
+        k: results per query at start (the page's slider goes up to MAX_RESULTS).
     """
     gallery = [str(path) for path in gallery]
     if not gallery:
@@ -107,6 +108,8 @@ def build_demo(model, tokenizer, cfg: cu.Config, gallery, classes, source: str =
         query = cu.normalize_caption(query or "")
         if not query:
             raise ValueError("Type a description in Hindi first, e.g. `एक बड़ा लाल त्रिभुज`.")
+        if not isinstance(top, (int, float)) or not 1 <= top <= MAX_RESULTS:
+            raise ValueError(f"Ask for 1 to {MAX_RESULTS} results, not {top!r}.")
         hits = cu.search_images(query, model, tokenizer, gallery, cfg, k=int(top), index=index)
         items = [(image, f"{rank}. {Path(image).name} · {score:.3f}")
                  for rank, (image, score) in enumerate(zip(hits["image"], hits["score"]), start=1)]
@@ -126,7 +129,7 @@ def build_demo(model, tokenizer, cfg: cu.Config, gallery, classes, source: str =
                 f"**{ranked.index[0]}** ({ranked.iloc[0]:.0%}) among {len(names)} classes, each scored with "
                 f"{len(cu.HINDI_TEMPLATES)} prompts (`{'`, `'.join(cu.HINDI_TEMPLATES)}`).{note}")
 
-    with gr.Blocks(title="clip-hindi: Hindi CLIP demo") as demo:
+    with gr.Blocks(title="clip-hindi: Hindi CLIP demo", analytics_enabled=False) as demo:
         gr.Markdown("# clip-hindi · हिंदी में चित्र खोजें\nSearch pictures with a Hindi sentence, or let Hindi "
                     "class names classify a picture zero-shot.")
         gr.Markdown(about, elem_id="about")
@@ -134,7 +137,7 @@ def build_demo(model, tokenizer, cfg: cu.Config, gallery, classes, source: str =
             with gr.Row():
                 query = gr.Textbox(label="Hindi query (खोज)", placeholder=EXAMPLES.get(cfg.mode, [""])[0],
                                    elem_id="query", scale=4)
-                top = gr.Slider(1, 24, value=k, step=1, label="results", scale=1)
+                top = gr.Slider(1, MAX_RESULTS, value=k, step=1, label="results", scale=1)
             search_button = gr.Button("खोजें · Search", variant="primary", elem_id="search-button")
             gr.Examples([[q] for q in EXAMPLES.get(cfg.mode, [])], inputs=[query])
             search_status = gr.Markdown(elem_id="search-status")

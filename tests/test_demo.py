@@ -36,6 +36,7 @@ def _missing(what: str) -> None:
 try:
     import gradio
     from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
 except ImportError:
     if IN_CI:
         raise
@@ -143,6 +144,8 @@ def test_api_search_classify_and_bad_input(server, trained, tmp_path):
     for query in ("", "   \n "):
         items, status = client.predict(query, 3, api_name="/search")
         assert items == [] and "Type a description in Hindi" in status
+    with pytest.raises(AppError, match="less than minimum"):  # the slider's own range check, a message too
+        client.predict("लाल", 0, api_name="/search")
     (tmp_path / "notes.txt").write_text("not a picture")
     bad = {"notes.txt": "not an image the demo can read", "huge.png": "megapixels"}
     for name, message in bad.items():
