@@ -39,7 +39,7 @@ def parse_classes(text) -> list[str]:
 
 
 def read_upload(path, max_mb: float = MAX_UPLOAD_MB, max_pixels: int = MAX_PIXELS):
-    """The uploaded file as an RGB array (H, W, 3), or ValueError with a sentence for the page."""
+    """The upload as an RGB array (H, W, 3), at most 1024 px a side, or ValueError with a sentence for the page."""
     if not path:
         raise ValueError("Upload an image (JPEG, PNG or WebP) to classify it.")
     path = Path(path)
@@ -60,7 +60,7 @@ def read_upload(path, max_mb: float = MAX_UPLOAD_MB, max_pixels: int = MAX_PIXEL
         raise ValueError(f"`{path.name}` is {width} × {height} pixels ({width * height / 1e6:.0f} megapixels); "
                          f"the demo takes up to {max_pixels / 1e6:g} megapixels: upload a smaller copy.")
     try:
-        return cu.load_image(path)
+        return cu.load_image(path, max_side=512)  # at most 1024 px: the towers see 224 px, the preview less
     except (OSError, SyntaxError, ValueError):  # a valid header over broken or truncated pixel data
         raise ValueError(f"`{path.name}` could not be decoded (a damaged or truncated file?): "
                          "upload another image.") from None
