@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, _device
-from .text import normalize_caption
+from .pixels import _pil_rgb
+from .text import caption_text, normalize_caption
 
 # A table is a pandas DataFrame with columns `image` (absolute, or relative to
 # cfg.image_dir) and `caption`, one row per caption, several rows per image allowed.
@@ -33,6 +34,7 @@ def split_by_image(df: pd.DataFrame, val_frac: float = 0.1, test_frac: float = 0
     """
     if "image" not in df.columns:
         raise ValueError(f"split_by_image needs an 'image' column; the table has {list(df.columns)}")
+    _check_columns(df, ("image",), "split_by_image's table")
     for name, frac in (("val_frac", val_frac), ("test_frac", test_frac)):
         if not 0 <= frac < 1:
             raise ValueError(f"split_by_image: {name}={frac!r} must be a fraction with 0 <= {name} < 1")
@@ -75,6 +77,18 @@ def _cached_splits(data_dir, make):
     return tuple(splits)
 
 
+def _check_columns(df: pd.DataFrame, needed, what: str) -> None:
+    """Each needed column there exactly once; `what` names the table in the error."""
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} needs columns {' and '.join(map(repr, needed))}; missing {missing} "
+                         f"(has {list(df.columns)})")
+    repeated = [c for c in needed if (df.columns == c).sum() > 1]  # e.g. a column renamed onto an existing one
+    if repeated:
+        raise ValueError(f"{what} has {(df.columns == repeated[0]).sum()} columns named {repeated[0]!r} "
+                         f"(columns {list(df.columns)}): drop or rename all but one")
+
+
 def _resolve(path, cfg: Config) -> str:
     path = str(path)
     return path if os.path.isabs(path) or not cfg.image_dir else os.path.join(cfg.image_dir, path)
@@ -91,11 +105,7 @@ def load_image(path, max_side: int | None = None) -> np.ndarray:
         ImageOps.exif_transpose(image, in_place=True)  # phone photos store "rotate me" in EXIF, not in pixels
         if max_side and max(image.size) > 2 * max_side:
             image.thumbnail((2 * max_side, 2 * max_side))
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")  # paste on white: transparent pixels would otherwise turn black
-            image = Image.new("RGB", rgba.size, (255, 255, 255))
-            image.paste(rgba, mask=rgba.getchannel("A"))
-        return np.asarray(image.convert("RGB"))
+        return _pil_rgb(image)
 
 
 def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True, name: str = "caption") -> pd.DataFrame:
@@ -114,24 +124,28 @@ def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True, name: 
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"the {name} table must be a pandas DataFrame with columns 'image' and 'caption', "
                          f"not {type(df).__name__}")
-    missing = {"image", "caption"} - set(df.columns)
-    if missing:
-        raise ValueError(f"the {name} table needs columns 'image' and 'caption'; missing {sorted(missing)} "
-                         f"(has {list(df.columns)})")
+    _check_columns(df, ("image", "caption"), f"the {name} table")
     if df.empty:
         raise ValueError(f"the {name} table has no rows")
     df = df.copy()
-    df["caption"] = [normalize_caption(c) for c in df["caption"]]
+    cells = df["caption"].copy()  # as given: a non-text cell is named in the message
+    texts = [caption_text(c) for c in cells]  # None: a number, a list, undecodable bytes
+    df["caption"] = [normalize_caption(t) if t is not None else "" for t in texts]
+    non_text = pd.Series([t is None for t in texts], index=df.index)
     duplicated = df.duplicated(["image", "caption"]) & df["caption"].ne("")  # empty ones are counted below
     if duplicated.any():  # an exact repeat would count twice as much; dropping it loses nothing
         warnings.warn(f"dropped {duplicated.sum()} duplicate (image, caption) rows, e.g. row "
                       f"{duplicated.idxmax()}", stacklevel=2)
-        df = df[~duplicated]
+        df, cells, non_text = df[~duplicated], cells[~duplicated], non_text[~duplicated]
     row_names = list(df.index)  # messages name rows by the caller's index, not by position
     df = df.reset_index(drop=True)
     problems = {}  # row index -> (kind, detail)
     for i in np.flatnonzero(df["caption"].eq("").to_numpy()):
-        problems[i] = ("empty or missing caption", "")
+        problems[i] = (("non-text caption", f"({type(cells.iat[i]).__name__} {cells.iat[i]!r:.60})")
+                       if non_text.iat[i] else ("empty or missing caption", ""))
+    for i in np.flatnonzero([not isinstance(im, os.PathLike) and caption_text(im) in ("", None)
+                             for im in df["image"]]):  # None, NaN, pd.NA or a number where a path belongs
+        problems[i] = ("missing image path", f"({df['image'].iat[i]!r})")
     if check_images:
         bad_files = {}
         for image in pd.unique(df["image"]):
@@ -155,7 +169,7 @@ def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True, name: 
             first = min(problems)
             raise ValueError(f"no usable row left in the {name} table: all {len(df)} rows were dropped ({counts}); "
                              f"first is row {row_names[first]}: {' '.join(problems[first]).strip()}")
-        examples = sorted({detail.split(" (")[0] for _, detail in problems.values() if detail})[:3]
+        examples = sorted({detail.split(" (")[0] for _, detail in problems.values()} - {""})[:3]
         warnings.warn(f"skipped {len(problems)} of {len(df)} rows: {counts}" +
                       (f"; e.g. {', '.join(examples)}" if examples else ""), stacklevel=2)
         df = df.drop(index=list(problems)).reset_index(drop=True)

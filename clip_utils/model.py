@@ -24,6 +24,7 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, cfg: Config, model=None):
         super().__init__()
+        self.image_size = cfg.image_size  # the input size it is built for: encode_images refuses another
         self.from_transformers = model is not None or _is_transformers_clip(cfg.image_model)
         if self.from_transformers:
             self._init_transformers_clip(cfg, model)
@@ -32,10 +33,21 @@ class ImageEncoder(nn.Module):
         import timm
 
         pool = "" if cfg.image_pool == "flatten" else cfg.image_pool
-        self.model = timm.create_model(cfg.image_model, pretrained=cfg.image_pretrained, num_classes=0,
-                                       global_pool=pool, **cfg.image_model_kwargs)
+        try:
+            self.model = timm.create_model(cfg.image_model, pretrained=cfg.image_pretrained, num_classes=0,
+                                           global_pool=pool, **cfg.image_model_kwargs)
+        except TypeError as error:  # "unexpected keyword argument 'chanels'" from deep inside timm
+            raise ValueError(f"image_model_kwargs={cfg.image_model_kwargs!r} do not fit timm's {cfg.image_model!r} "
+                             f"({error}): use only arguments its model class takes") from None
         with torch.no_grad():  # feature size depends on pooling and input size: measure it once
-            self.out_dim = self.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
+            try:
+                self.out_dim = self.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
+            except (AssertionError, RuntimeError) as error:  # a ViT's patch grid fits one input size
+                native = getattr(getattr(self.model, "patch_embed", None), "img_size", None) or "another size of"
+                native = native[-1] if isinstance(native, (tuple, list)) else native  # (224, 224) -> 224
+                raise ValueError(f"{cfg.image_model} takes {native} px images but cfg.image_size is {cfg.image_size} "
+                                 f"({error}): set image_size to match, or build it for {cfg.image_size} px with "
+                                 f"image_model_kwargs=dict(img_size={cfg.image_size})") from None
         self.train()
         data_cfg = timm.data.resolve_data_config({}, model=self.model)
         self.mean, self.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])  # the encoder's own
