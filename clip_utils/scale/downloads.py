@@ -95,11 +95,9 @@ def extract_archive(archive, dest) -> Path:
                         raise ValueError(f"unsafe archive {archive}: member {member.name!r} is a "
                                          f"{'link' if member.issym() or member.islnk() else 'special file'}; "
                                          "only files and folders are unpacked")
-                    if not (dest / member.name).resolve().is_relative_to(dest):
-                        raise ValueError(f"unsafe archive {archive}: member {member.name!r} would escape {dest}")
-                # "data" also refuses absolute paths, ".." and odd permissions
+                # "data" refuses absolute paths and ".." (a tarfile.FilterError) and odd permissions
                 tf.extractall(dest, filter="data")
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as error:
+    except (tarfile.ReadError, tarfile.CompressionError, zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise ValueError(f"{archive} cannot be unpacked ({type(error).__name__}: {error}): it is cut short or "
                          "damaged; delete it and download again") from None
     return dest

@@ -38,7 +38,7 @@ def read_english_captions(source) -> pd.DataFrame:
         if missing:
             row = source.index[missing[0]]
             raise ValueError(f"the English caption table has {len(missing)} rows without a caption in column "
-                             f"{text_column!r}, first row {row!r} (image {source['image'].iat[missing[0]]!r}): "
+                             f"{text_column!r}, first row {row} (image {source['image'].iat[missing[0]]!r}): "
                              "drop them, e.g. df.dropna(subset=[" + repr(text_column) + "])")
         table = pd.DataFrame({"image": source["image"].astype(str), "english": texts}, index=source.index)
         table["number"] = (source["number"].astype(int) if "number" in source
