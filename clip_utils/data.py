@@ -143,9 +143,9 @@ def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True, name: 
     for i in np.flatnonzero(df["caption"].eq("").to_numpy()):
         problems[i] = (("non-text caption", f"({type(cells.iat[i]).__name__} {cells.iat[i]!r:.60})")
                        if non_text.iat[i] else ("empty or missing caption", ""))
-    for i in np.flatnonzero([not isinstance(im, os.PathLike) and caption_text(im) in ("", None)
-                             for im in df["image"]]):  # None, NaN, pd.NA or a number where a path belongs
-        problems[i] = ("missing image path", f"({df['image'].iat[i]!r})")
+    for i, image in enumerate(df["image"]):  # None, NaN, pd.NA, or a number where a path belongs
+        if not isinstance(image, os.PathLike) and caption_text(image) in ("", None):
+            problems[i] = (("missing" if caption_text(image) == "" else "non-text") + " image path", f"({image!r})")
     if check_images:
         bad_files = {}
         for image in pd.unique(df["image"]):

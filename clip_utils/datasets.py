@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import Config
-from .data import _cached_splits
+from .data import _cached_splits, _check_columns
 from .scale.downloads import _fetch, download, hub_file
 from .scale.translate import DEFAULT_TRANSLATOR, translate_captions
 from .synthetic import prepare_quick_data
@@ -369,6 +369,7 @@ def split_labelled(df: pd.DataFrame, column: str = "label", test_frac: float = 0
         seed: sampling seed.
         min_images: a class needs at least this many images (one for the pool, one for test).
     """
+    _check_columns(df, ("image", column), "split_labelled's table")
     counts = df[column].value_counts()
     too_few = counts[counts < min_images]
     if len(too_few):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data import _resolve, clean_table, image_transforms, load_image
-from .model import CLIPModel
+from .model import CLIPModel, _check_image_size
 from .pixels import _as_uint8_rgb, _pil_rgb
 from .scale.index import build_index, index_kind, load_index, save_index, search_index
 from .text import normalize_caption
@@ -25,7 +25,9 @@ def _gallery(images, caller: str) -> list:
     """A gallery as a plain list: a pandas Series is taken in order, whatever its index; one image is refused."""
     if isinstance(images, pd.DataFrame):
         raise ValueError(f"{caller} takes a list of images, not a table: pass its column, e.g. df['image']")
-    if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert") or getattr(images, "ndim", 1) >= 3:
+    # (H, W[, C]) numbers: one image; a tensor's dtype has no kind and is always numeric
+    one_array = getattr(images, "ndim", 1) in (2, 3) and getattr(images.dtype, "kind", "f") in "fiub"
+    if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert") or one_array:
         raise ValueError(f"{caller} takes a list of images, not one image ({type(images).__name__}): "
                          f"wrap it in a list, [image]")
     return list(images)
@@ -55,14 +57,6 @@ def _check_finite(embeds: torch.Tensor, start: int, caller: str, what: str) -> t
                          f"{start + int(bad.nonzero()[0, 0])}; its weights are broken (a diverged run?): load "
                          "another checkpoint")
     return embeds
-
-
-def _check_image_size(model: CLIPModel, cfg: Config) -> None:
-    """The Config's image_size must be the one the image tower was built for."""
-    built = getattr(model.image_encoder, "image_size", cfg.image_size)
-    if built != cfg.image_size:
-        raise ValueError(f"cfg.image_size={cfg.image_size} but the model's image tower was built for {built} px "
-                         f"images: use the model's own Config (load_checkpoint returns it) or image_size={built}")
 
 
 @torch.no_grad()

@@ -170,6 +170,14 @@ class CLIPModel(nn.Module):
                 self.encode_text(batch["input_ids"], batch["attention_mask"]))
 
 
+def _check_image_size(model: CLIPModel, cfg: Config) -> None:
+    """The Config's image_size must be the one the image tower was built for (encode_images; fit may call it too)."""
+    built = getattr(model.image_encoder, "image_size", cfg.image_size)
+    if built != cfg.image_size:
+        raise ValueError(f"cfg.image_size={cfg.image_size} but the model's image tower was built for {built} px "
+                         f"images: use the model's own Config (load_checkpoint returns it) or image_size={built}")
+
+
 def build_model(cfg: Config, captions=None):
     """Build (model, tokenizer): pretrained by name in full mode, small and random-init in quick mode.
 
