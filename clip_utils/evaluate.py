@@ -333,6 +333,10 @@ def zero_shot_classify(model: CLIPModel, tokenizer, images, class_names, cfg: Co
         raise ValueError(f"zero_shot_classify takes a list of class names, not one string: use [{class_names!r}]")
     if len(class_names) == 0:
         raise ValueError("zero_shot_classify got no classes: pass at least one class name (two to compare)")
+    empty = [name for name in class_names if not normalize_caption(name)]
+    if empty:
+        raise ValueError(f"zero_shot_classify: class name {empty[0]!r} is empty once whitespace and invisible "
+                         "characters are removed; name every class")
     if not isinstance(class_names, dict):
         repeated = sorted(name for name, n in Counter(class_names).items() if n > 1)
         if repeated:  # a dict keeps one of each: the columns would no longer line up with the names given

@@ -123,6 +123,13 @@ def test_a_series_gallery_with_its_own_index_gives_the_images_in_order(images, t
     assert torch.equal(cu.encode_images(model, series, tiny_cfg), cu.encode_images(model, images, tiny_cfg))
 
 
+def test_an_empty_class_name_is_named(tiny_model, tiny_cfg):
+    model, tokenizer = tiny_model
+    embeds = torch.nn.functional.normalize(torch.randn(2, tiny_cfg.projection_dim), dim=-1)
+    _raises(lambda: cu.zero_shot_classify(model, tokenizer, None, ["गोला", " \u200b"], tiny_cfg, image_embeds=embeds),
+            r"class name ' \\u200b' is empty")
+
+
 def test_one_image_is_not_a_gallery(images, tiny_model, tiny_cfg):
     model, _ = tiny_model
     _raises(lambda: cu.encode_images(model, images[0], tiny_cfg), r"not one image \(str\): wrap it in a list")
@@ -308,6 +315,11 @@ def test_another_rows_per_shard_rewrites_the_folder(synthetic, tiny_cfg, shard_f
     cu.write_shards(synthetic[1].head(20), shard_folder, tiny_cfg, rows_per_shard=5)
     assert [s["rows"] for s in cu.read_index(shard_folder)["shards"]] == [5, 5, 5, 5]
     assert len(list(shard_folder.glob("shard-*.tar"))) == 4
+
+
+def test_a_numpy_rows_per_shard_works(synthetic, tiny_cfg, tmp_path):
+    folder = cu.write_shards(synthetic[1].head(10), tmp_path, tiny_cfg, rows_per_shard=np.int64(4))
+    assert [s["rows"] for s in cu.read_index(folder)["shards"]] == [4, 4, 2]
 
 
 @pytest.mark.parametrize("rank, world, pattern", [

@@ -67,8 +67,10 @@ def write_shards(df: pd.DataFrame, folder, cfg: Config, rows_per_shard: int = 10
         rows_per_shard: caption rows per tar file; use at least processes x workers shards (see stream_loader).
         max_side: re-encode each photo as a JPEG whose shorter side is at most this (None: the file's own bytes).
     """
-    if not (isinstance(rows_per_shard, int) and rows_per_shard >= 1):
+    if not (isinstance(rows_per_shard, (int, np.integer)) and not isinstance(rows_per_shard, bool)
+            and rows_per_shard >= 1):
         raise ValueError(f"rows_per_shard must be an integer >= 1, got {rows_per_shard!r}")
+    rows_per_shard = int(rows_per_shard)  # a numpy integer too
     folder = Path(folder)
     fingerprint = _fingerprint(df, cfg, max_side, rows_per_shard)
     if (folder / INDEX).exists() and read_index(folder).get("fingerprint") == fingerprint:
