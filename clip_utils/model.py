@@ -43,11 +43,12 @@ class ImageEncoder(nn.Module):
             try:
                 self.out_dim = self.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
             except (AssertionError, RuntimeError) as error:  # a ViT's patch grid fits one input size
-                native = getattr(getattr(self.model, "patch_embed", None), "img_size", None) or "another size of"
+                native = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
                 native = native[-1] if isinstance(native, (tuple, list)) else native  # (224, 224) -> 224
-                raise ValueError(f"{cfg.image_model} takes {native} px images but cfg.image_size is {cfg.image_size} "
-                                 f"({error}): set image_size to match, or build it for {cfg.image_size} px with "
-                                 f"image_model_kwargs=dict(img_size={cfg.image_size})") from None
+                takes = f"takes {native} px images but" if native else "cannot take images of"
+                raise ValueError(f"{cfg.image_model} {takes} cfg.image_size={cfg.image_size} ({error}): set image_size "
+                                 f"to match, or build it for {cfg.image_size} px with image_model_kwargs="
+                                 f"dict(img_size={cfg.image_size})") from None
         self.train()
         data_cfg = timm.data.resolve_data_config({}, model=self.model)
         self.mean, self.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])  # the encoder's own

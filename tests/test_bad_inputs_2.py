@@ -238,7 +238,7 @@ def test_a_half_width_index_does_not_split_one_query_into_two(images, tiny_model
 def test_a_timm_vit_at_another_input_size_names_both_sizes():
     cfg = cu.Config.quick(image_model="vit_tiny_patch16_224", image_model_kwargs=dict(depth=1), image_size=64,
                           image_pool="avg")
-    _raises(lambda: cu.ImageEncoder(cfg), r"takes 224 px images but cfg\.image_size is 64.*img_size=64")
+    _raises(lambda: cu.ImageEncoder(cfg), r"takes 224 px images but cfg\.image_size=64.*img_size=64")
     fitted = dataclasses.replace(cfg, image_model_kwargs=dict(depth=1, img_size=64))
     assert cu.ImageEncoder(fitted).out_dim == 192  # built for 64 px, as the message says
 
