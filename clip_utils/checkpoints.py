@@ -120,7 +120,7 @@ def _looks_like_repo_id(name) -> bool:
 def _local_or_hub(path, kind: str, fetch) -> Path:
     """A local path that exists, else a Hub repo id fetched with fetch(repo); a local-looking path is not sent
     to the Hub, and a failed fetch names the path as a missing local one too."""
-    path = Path(path)
+    path = Path(path).expanduser()  # "~/runs/best" is a folder in the home directory
     if path.exists():
         return path
     local = not _looks_like_repo_id(path) or path.parent.exists()  # "runs/best" beside a runs/ folder is local
