@@ -1,8 +1,9 @@
 """clip_utils: a Hindi CLIP, from data to zero-shot, in small rooms read in teaching order.
 
-The lesson: config -> files (fingerprints, atomic writes) -> text -> synthetic (quick-mode scenes) ->
-datasets (Flickr8k, XM3600) -> data (tables, loader, decode-once cache) -> model -> losses -> train ->
-evaluate -> plots -> checkpoints -> distill (from an English CLIP; LiT).
+The lesson: config -> files (fingerprints, atomic writes) -> text -> tables (splits and their source) ->
+synthetic (quick-mode scenes) -> datasets (Flickr8k, XM3600) -> pixels (arrays to RGB) ->
+data (images, loader, decode-once cache) -> model -> losses -> train -> evaluate -> plots -> checkpoints ->
+distill (from an English CLIP; LiT).
 The engine, apart in scale/: shards (streaming), coco35l (COCO-35L), index (search at scale),
 translate (English->Hindi captions), downloads (files, archives, Hub files).
 The notebooks import everything from here (`import clip_utils as cu`); nothing is copied into them.
@@ -28,8 +29,6 @@ from .data import (
     load_image,
     make_loader,
     similar_batches,
-    split_by_image,
-    table_source,
 )
 from .datasets import (
     CATS_VS_DOGS,
@@ -79,6 +78,7 @@ from .scale.translate import (
     translation_quality,
 )
 from .synthetic import HELD_OUT_PAIRS, make_synthetic_dataset, prepare_quick_data, synthetic_classes
+from .tables import split_by_image, table_source
 from .text import keeps_devanagari, normalize_caption, train_wordpiece_tokenizer
 from .train import fit, make_optimizer, train_step
 

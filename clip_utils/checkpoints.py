@@ -18,7 +18,14 @@ from .model import CLIPModel, ImageEncoder, TextEncoder
 def _load_weights(model: nn.Module, path, strict: bool = True) -> tuple[list, list]:
     from safetensors.torch import load_file
 
-    return _load_state(model, load_file(str(path)), strict)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found: the checkpoint folder has no weights; save it again")
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors' own error names no file
+        raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}): the file is cut short or "
+                         "damaged; save or download the checkpoint again") from None
+    return _load_state(model, state, strict)
 
 
 def _load_state(model: nn.Module, state: dict, strict: bool) -> tuple[list, list]:
@@ -110,6 +117,24 @@ def _looks_like_repo_id(name) -> bool:
     return name.count("/") == 1 and not Path(name).suffix and not name.startswith((".", "/", "~"))
 
 
+def _local_or_hub(path, kind: str, fetch) -> Path:
+    """A local path that exists, else a Hub repo id fetched with fetch(repo); a local-looking path is not sent
+    to the Hub, and a failed fetch names the path as a missing local one too."""
+    path = Path(path).expanduser()  # "~/runs/best" is a folder in the home directory
+    if path.exists():
+        return path
+    local = not _looks_like_repo_id(path) or path.parent.exists()  # "runs/best" beside a runs/ folder is local
+    if not local:
+        try:
+            return Path(fetch(str(path)))
+        except Exception as error:  # offline, no such repo, no access: say both readings
+            raise FileNotFoundError(f"no {kind} {path} here, and no Hub repo {str(path)!r} could be fetched "
+                                    f"({type(error).__name__}): check the path") from None
+    raise FileNotFoundError(f"no {kind} {path} (resolved: {path.resolve()}); check the path" +
+                            ("" if _looks_like_repo_id(path) else " (and it is not a Hub repo id like "
+                                                                  "'you/clip-hindi')"))
+
+
 def load_checkpoint(path, device: str | None = None):
     """Rebuild (model, tokenizer, cfg) from a save_checkpoint folder, or a Hub repo id holding one, without network.
 
@@ -117,14 +142,16 @@ def load_checkpoint(path, device: str | None = None):
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    path = Path(path)
-    if not path.exists():
-        if not _looks_like_repo_id(path):
-            raise FileNotFoundError(f"no checkpoint folder {path} (and it is not a Hub repo id like 'you/clip-hindi')")
-        path = _hub_folder(str(path))
+    path = _local_or_hub(path, "checkpoint folder", lambda repo: _hub_folder(repo))
     if not (path / "config.json").exists() and (path / "model.pt").exists():
         raise ValueError(f"{path} holds the published layout (model.pt): load it with load_published_checkpoint")
-    meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder: it has no config.json (save_checkpoint writes "
+                                "model.safetensors, config.json and tokenizer/)")
+    try:
+        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except ValueError as error:  # torn or hand-edited
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({error}): save the checkpoint again") from None
     known = {f.name for f in dataclasses.fields(Config)}
     saved = {k: v for k, v in meta["config"].items() if k in known}
     saved.setdefault("image_geometry", "square")  # saved before the option existed: trained square, so evaluated so
@@ -165,15 +192,10 @@ def load_published_checkpoint(path_or_repo=PUBLISHED_REPO, cfg: Config | None = 
         text_encoder_model: an already built Hugging Face encoder (e.g. from a local config).
         residual: rebuild the projection heads with the residual connection (default) or without.
     """
+    from huggingface_hub import hf_hub_download
     from transformers import AutoConfig, AutoModel
 
-    path = Path(str(path_or_repo))
-    if not path.exists():
-        if not _looks_like_repo_id(path_or_repo):  # looks like a file, not "owner/name"
-            raise FileNotFoundError(f"no checkpoint file {path}")
-        from huggingface_hub import hf_hub_download
-
-        path = Path(hf_hub_download(str(path_or_repo), "model.pt"))
+    path = _local_or_hub(str(path_or_repo), "checkpoint file", lambda repo: hf_hub_download(repo, "model.pt"))
     cfg = _published_config(cfg, residual)
     if text_encoder_model is None:
         text_encoder_model = AutoModel.from_config(AutoConfig.from_pretrained(cfg.text_model))

@@ -1,6 +1,7 @@
 """The one Config dataclass (every knob, quick and full recipes), device choice and seeding."""
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -67,6 +68,8 @@ class Config:
 
     def __post_init__(self):
         # Runs on every construction, so dataclasses.replace checks too: a typo fails here, not as a silent default.
+        for name in self.__dataclass_fields__:  # numpy numbers and paths work everywhere as plain Python values
+            setattr(self, name, _plain(getattr(self, name)))
         problems = _config_problems(self)
         if problems:
             raise ValueError("invalid Config: " + "; ".join(problems))
@@ -194,6 +197,54 @@ _RANGES = [
 ]
 
 
+def _plain(value):
+    """numpy scalars and arrays as Python numbers and tuples, paths as strings, inside dicts and lists too:
+    what checkpoints can write to config.json (a numpy integer would fail only after a whole epoch)."""
+    if isinstance(value, np.ndarray):
+        return tuple(_plain(v) for v in value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+# Keys of the dict fields that our code sets itself, and the Config field to use instead.
+_OWN_KEYS = {"text_config": {"vocab_size": "vocab_size", "pad_token_id": "(the tokenizer's)"},
+             "image_model_kwargs": {"pretrained": "image_pretrained", "num_classes": "(0: features)",
+                                    "global_pool": "image_pool"}}
+
+
+def _dict_problems(cfg: Config) -> list[str]:
+    """Unknown BertConfig keys in text_config and keys our code sets itself, named as unknown fields are."""
+    problems = []
+    for name, own in _OWN_KEYS.items():
+        value = getattr(cfg, name)
+        clash = [key for key in value if key in own] if isinstance(value, dict) else []
+        problems += [f"{name}[{key!r}]: set by clip_utils; use {own[key]}" for key in clash]
+    if isinstance(cfg.text_config, dict) and cfg.text_config:
+        import inspect
+
+        from transformers import BertConfig
+
+        known = set(inspect.signature(BertConfig.__init__).parameters) | set(BertConfig().to_dict())
+        unknown = sorted(str(k) for k in cfg.text_config if k not in known)
+        if unknown:
+            problems.append(f"text_config has unknown BertConfig keys {unknown}: use "
+                            f"{', '.join(sorted(k for k in known - {'self'} if not k.startswith('_'))[:40])}")
+    for name in cfg.__dataclass_fields__:
+        try:
+            json.dumps(getattr(cfg, name))
+        except (TypeError, ValueError):
+            problems.append(f"{name}={getattr(cfg, name)!r}: use numbers, strings, lists and dicts "
+                            "(checkpoints write the Config to config.json)")
+    return problems
+
+
 def _config_problems(cfg: Config) -> list[str]:
     """One message per bad field, naming it, its value and what is allowed."""
     problems = [f"{name}={getattr(cfg, name)!r}: use " + " or ".join(map(repr, allowed))
@@ -210,7 +261,7 @@ def _config_problems(cfg: Config) -> list[str]:
     if not cfg.text_pretrained and _integer(cfg.max_length) and _integer(positions) and cfg.max_length > positions:
         problems.append(f"max_length={cfg.max_length!r}: use at most text_config['max_position_embeddings']="
                         f"{positions} (a longer caption has no position embedding)")
-    return problems
+    return problems + _dict_problems(cfg)
 
 
 def _check_renamed(overrides: dict) -> None:

@@ -1,8 +1,7 @@
-"""Caption tables in, batches out: splitting by image, image decoding, cleaning bad rows,
+"""Caption tables in, batches out: image decoding, cleaning bad rows,
 augmentation, the decode-once cache, the DataLoader and hard-negative batches."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -16,85 +15,12 @@ import torch.nn.functional as F
 
 from .config import Config, _device
 from .files import atomic_write, file_fingerprint
-from .text import normalize_caption
+from .pixels import _pil_rgb
+from .tables import _check_columns
+from .text import caption_text, normalize_caption
 
 # A table is a pandas DataFrame with columns `image` (absolute, or relative to
 # cfg.image_dir) and `caption`, one row per caption, several rows per image allowed.
-
-
-def split_by_image(df: pd.DataFrame, val_frac: float = 0.1, test_frac: float = 0.1, seed: int = 0,
-                   force_test=None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Split a table into train/val/test so that no image appears in two splits.
-
-    Args:
-        df: table with an `image` column.
-        val_frac, test_frac: fractions of the images (not rows) for validation and test.
-        seed: shuffling seed.
-        force_test: optional boolean row mask; images of those rows go to test (e.g. unseen combinations).
-    """
-    if "image" not in df.columns:
-        raise ValueError(f"split_by_image needs an 'image' column; the table has {list(df.columns)}")
-    for name, frac in (("val_frac", val_frac), ("test_frac", test_frac)):
-        if not 0 <= frac < 1:
-            raise ValueError(f"split_by_image: {name}={frac!r} must be a fraction with 0 <= {name} < 1")
-    if val_frac + test_frac >= 1:
-        raise ValueError(f"split_by_image: val_frac + test_frac = {val_frac + test_frac:g} leaves no training "
-                         "images; their sum must be below 1")
-    forced = set(df.loc[force_test, "image"]) if force_test is not None else set()
-    images = [im for im in pd.unique(df["image"]) if im not in forced]
-    np.random.default_rng(seed).shuffle(images)
-    n_val, n_test = round(len(images) * val_frac), round(len(images) * test_frac)
-    val = set(images[:n_val])
-    test = set(images[n_val:n_val + n_test]) | forced
-    parts = (~df["image"].isin(val | test), df["image"].isin(val), df["image"].isin(test))
-    splits = tuple(df[mask].reset_index(drop=True) for mask in parts)
-    # A fraction of 0 asks for an empty split; any other empty split is a surprise worth stopping for.
-    for split, name, frac in zip(splits, ("train", "val", "test"), (None, val_frac, test_frac)):
-        if split.empty and frac != 0:
-            raise ValueError(f"split_by_image leaves the {name} split empty: {len(images)} images with "
-                             f"val_frac={val_frac}, test_frac={test_frac}" +
-                             (f" and {len(forced)} forced into test" if forced else "") +
-                             "; use more images or other fractions")
-    return splits
-
-
-def _cached_splits(data_dir, make, source: dict):
-    """(train, val, test) from data_dir/{train,val,test}.csv, or from make() once, then written there.
-
-    `source` says where the captions come from (a file with its size and hash, a URL or Hub file, a translator,
-    a generator and its seed; "what" says it in words). It is kept beside the tables as source.json, and tables
-    from another source (or from before sources were kept) are built afresh: naming a new caption file takes
-    effect. Image paths are stored relative to the CSV's folder when they lie inside it (absolute otherwise)
-    and come back absolute, so the tables work from any working directory and survive moving the folder.
-    """
-    folder = os.path.abspath(data_dir)
-    paths = [Path(folder) / f"{name}.csv" for name in ("train", "val", "test")]
-    record = Path(folder) / "source.json"
-    source = json.loads(json.dumps(source))  # as it reads back: tuples become lists
-    if all(p.exists() for p in paths) and _stored_source(folder) == source:
-        splits = [pd.read_csv(p) for p in paths]
-        return tuple(df.assign(image=[os.path.join(folder, im) for im in df["image"]]) for df in splits)
-    splits = [df.assign(image=[os.path.abspath(im) for im in df["image"]]) for df in make()]
-    record.unlink(missing_ok=True)  # written last: tables half rewritten never pass for the new source
-    for part, path in zip(splits, paths):
-        inside = [os.path.relpath(im, folder) if im.startswith(folder + os.sep) else im for im in part["image"]]
-        with atomic_write(path) as tmp:  # an interrupted run leaves no short table behind
-            part.assign(image=inside).to_csv(tmp, index=False)
-    with atomic_write(record) as tmp:
-        Path(tmp).write_text(json.dumps(source, ensure_ascii=False, indent=1), encoding="utf-8")
-    return tuple(splits)
-
-
-def _stored_source(data_dir) -> dict | None:
-    """The source.json kept beside cached tables (see _cached_splits), or None."""
-    record = Path(data_dir) / "source.json"
-    return json.loads(record.read_text(encoding="utf-8")) if record.exists() else None
-
-
-def table_source(data_dir) -> str:
-    """Where the cached tables in data_dir took their captions from, in words (the notebooks print it)."""
-    source = _stored_source(data_dir)
-    return source["what"] if source else f"unknown: no source.json in {data_dir} (tables not built here yet)"
 
 
 def _resolve(path, cfg: Config) -> str:
@@ -113,11 +39,7 @@ def load_image(path, max_side: int | None = None) -> np.ndarray:
         ImageOps.exif_transpose(image, in_place=True)  # phone photos store "rotate me" in EXIF, not in pixels
         if max_side and max(image.size) > 2 * max_side:
             image.thumbnail((2 * max_side, 2 * max_side))
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")  # paste on white: transparent pixels would otherwise turn black
-            image = Image.new("RGB", rgba.size, (255, 255, 255))
-            image.paste(rgba, mask=rgba.getchannel("A"))
-        return np.asarray(image.convert("RGB"))
+        return _pil_rgb(image)
 
 
 def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True, name: str = "caption") -> pd.DataFrame:
@@ -136,24 +58,28 @@ def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True, name: 
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"the {name} table must be a pandas DataFrame with columns 'image' and 'caption', "
                          f"not {type(df).__name__}")
-    missing = {"image", "caption"} - set(df.columns)
-    if missing:
-        raise ValueError(f"the {name} table needs columns 'image' and 'caption'; missing {sorted(missing)} "
-                         f"(has {list(df.columns)})")
+    _check_columns(df, ("image", "caption"), f"the {name} table")
     if df.empty:
         raise ValueError(f"the {name} table has no rows")
     df = df.copy()
-    df["caption"] = [normalize_caption(c) for c in df["caption"]]
+    cells = df["caption"].copy()  # as given: a non-text cell is named in the message
+    texts = [caption_text(c) for c in cells]  # None: a number, a list, undecodable bytes
+    df["caption"] = [normalize_caption(t) if t is not None else "" for t in texts]
+    non_text = pd.Series([t is None for t in texts], index=df.index)
     duplicated = df.duplicated(["image", "caption"]) & df["caption"].ne("")  # empty ones are counted below
     if duplicated.any():  # an exact repeat would count twice as much; dropping it loses nothing
         warnings.warn(f"dropped {duplicated.sum()} duplicate (image, caption) rows, e.g. row "
                       f"{duplicated.idxmax()}", stacklevel=2)
-        df = df[~duplicated]
+        df, cells, non_text = df[~duplicated], cells[~duplicated], non_text[~duplicated]
     row_names = list(df.index)  # messages name rows by the caller's index, not by position
     df = df.reset_index(drop=True)
     problems = {}  # row index -> (kind, detail)
     for i in np.flatnonzero(df["caption"].eq("").to_numpy()):
-        problems[i] = ("empty or missing caption", "")
+        problems[i] = (("non-text caption", f"({type(cells.iat[i]).__name__} {cells.iat[i]!r:.60})")
+                       if non_text.iat[i] else ("empty or missing caption", ""))
+    for i, image in enumerate(df["image"]):  # None, NaN, pd.NA, or a number where a path belongs
+        if not isinstance(image, os.PathLike) and caption_text(image) in ("", None):
+            problems[i] = (("missing" if caption_text(image) == "" else "non-text") + " image path", f"({image!r})")
     if check_images:
         bad_files = {}
         for image in pd.unique(df["image"]):
@@ -177,7 +103,7 @@ def clean_table(df: pd.DataFrame, cfg: Config, check_images: bool = True, name: 
             first = min(problems)
             raise ValueError(f"no usable row left in the {name} table: all {len(df)} rows were dropped ({counts}); "
                              f"first is row {row_names[first]}: {' '.join(problems[first]).strip()}")
-        examples = sorted({detail.split(" (")[0] for _, detail in problems.values() if detail})[:3]
+        examples = sorted({detail.split(" (")[0] for _, detail in problems.values()} - {""})[:3]
         warnings.warn(f"skipped {len(problems)} of {len(df)} rows: {counts}" +
                       (f"; e.g. {', '.join(examples)}" if examples else ""), stacklevel=2)
         df = df.drop(index=list(problems)).reset_index(drop=True)

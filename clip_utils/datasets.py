@@ -12,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from .config import Config
-from .data import _cached_splits
 from .scale.downloads import _fetch, download, hub_file
 from .scale.translate import DEFAULT_TRANSLATOR, translate_captions
 from .synthetic import prepare_quick_data
+from .tables import _cached_splits, _check_columns
 from .text import normalize_caption
 
 # Full mode trains on Flickr8k photos with (machine-translated) Hindi captions and
@@ -304,15 +304,20 @@ def load_xm3600(captions_jsonl, image_dir, language: str = "hi", all_captions: b
     """
     rows, no_caption = [], 0
     with open(captions_jsonl, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            captions = record.get(language, {}).get("caption", [])
+            try:
+                record = json.loads(line)
+                captions = record.get(language, {}).get("caption", [])
+                key = record["image/key"]
+            except (ValueError, KeyError, AttributeError) as error:  # a torn download, or another file
+                raise ValueError(f"{captions_jsonl} line {number} is not an XM3600 caption record ({error!r}): "
+                                 f"{line.strip()[:80]!r}; download captions.jsonl again") from None
             if not captions:
                 no_caption += 1
                 continue
-            path = str(Path(image_dir) / f"{record['image/key']}.jpg")
+            path = str(Path(image_dir) / f"{key}.jpg")
             rows += [dict(image=path, caption=normalize_caption(c)) for c in captions[:None if all_captions else 1]]
     if no_caption:
         warnings.warn(f"{no_caption} XM3600 images have no {language!r} caption", stacklevel=2)
@@ -341,7 +346,13 @@ _PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 def labelled_folder(folder) -> pd.DataFrame:
     """A folder of labelled photos, folder/<class name>/*.jpg, as a table (image, label)."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"no folder {folder} (resolved: {Path(folder).resolve()}): a labelled folder holds "
+                                "one subfolder of photos per class")
     files = sorted(p for p in Path(folder).glob("*/*") if p.suffix.lower() in _PHOTO_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder} holds no photos ({', '.join(sorted(_PHOTO_SUFFIXES))}) in class subfolders: "
+                         "put them in folder/<class name>/")
     return pd.DataFrame({"image": [str(p.resolve()) for p in files], "label": [p.parent.name for p in files]})
 
 
@@ -402,6 +413,7 @@ def split_labelled(df: pd.DataFrame, column: str = "label", test_frac: float = 0
         seed: sampling seed.
         min_images: a class needs at least this many images (one for the pool, one for test).
     """
+    _check_columns(df, ("image", column), "split_labelled's table")
     counts = df[column].value_counts()
     too_few = counts[counts < min_images]
     if len(too_few):

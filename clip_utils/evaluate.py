@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -14,9 +16,48 @@ import torch.nn.functional as F
 from .config import Config
 from .data import _resolve, clean_table, image_transforms, load_image
 from .files import atomic_write, file_fingerprint
-from .model import CLIPModel
+from .model import CLIPModel, _check_image_size
+from .pixels import _as_uint8_rgb, _pil_rgb
 from .scale.index import build_index, exact_top_k, index_kind, load_index, save_index, search_index
 from .text import normalize_caption
+
+
+def _gallery(images, caller: str) -> list:
+    """A gallery as a plain list: a pandas Series is taken in order, whatever its index; one image is refused."""
+    if isinstance(images, pd.DataFrame):
+        raise ValueError(f"{caller} takes a list of images, not a table: pass its column, e.g. df['image']")
+    # (H, W[, C]) numbers: one image; a tensor's dtype has no kind and is always numeric
+    one_array = getattr(images, "ndim", 1) in (2, 3) and getattr(images.dtype, "kind", "f") in "fiub"
+    if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert") or one_array:
+        raise ValueError(f"{caller} takes a list of images, not one image ({type(images).__name__}): "
+                         f"wrap it in a list, [image]")
+    return list(images)
+
+
+def _image_pixels(image, cfg: Config, what: str) -> np.ndarray:
+    """(H, W, 3) uint8 of a path (relative to cfg.image_dir), a PIL image or an array; a failure names the image."""
+    if hasattr(image, "convert"):  # a PIL image
+        return _pil_rgb(image)
+    if not isinstance(image, (str, os.PathLike)):
+        return _as_uint8_rgb(image, what)
+    path = _resolve(image, cfg)
+    try:
+        return load_image(path, cfg.image_size)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist (image_dir={cfg.image_dir!r})") from None
+    except Exception as error:  # truncated, or no image at all: the decoder's own message names no file
+        raise ValueError(f"{what} {path} cannot be read ({type(error).__name__}: {error}); replace it, or drop "
+                         "its rows with clean_table") from error
+
+
+def _check_finite(embeds: torch.Tensor, start: int, caller: str, what: str) -> torch.Tensor:
+    """Refuse NaN or inf embeddings: a model with broken weights must not rank anything."""
+    bad = ~torch.isfinite(embeds).all(dim=1)
+    if bad.any():
+        raise ValueError(f"{caller}: the model gives non-finite (NaN or inf) embeddings, first for {what} "
+                         f"{start + int(bad.nonzero()[0, 0])}; its weights are broken (a diverged run?): load "
+                         "another checkpoint")
+    return embeds
 
 
 @torch.no_grad()
@@ -26,8 +67,10 @@ def encode_images(model: CLIPModel, images, cfg: Config, batch_size: int = 128) 
     Each image gets cfg.image_geometry's evaluation view as uint8 pixels, and the image tower normalises
     them on its device: the pipeline training uses, without its augmentation.
     """
+    images = _gallery(images, "encode_images")
     if len(images) == 0:
         raise ValueError("encode_images got no images: pass a non-empty list of paths, PIL images or arrays")
+    _check_image_size(model, cfg)
     device = next(model.parameters()).device
     encoder = model.image_encoder
     transform = image_transforms(cfg, train=False, normalize=False, **encoder.crop)
@@ -35,12 +78,11 @@ def encode_images(model: CLIPModel, images, cfg: Config, batch_size: int = 128) 
         model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        arrays = [load_image(_resolve(im, cfg), cfg.image_size) if isinstance(im, (str, Path))
-                  else np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)
-                  for im in images[start:start + batch_size]]
+        arrays = [_image_pixels(im, cfg, f"image {start + j}") for j, im in enumerate(images[start:start + batch_size])]
         pixels = np.stack([transform(image=a)["image"] for a in arrays])  # (b, H, W, 3) uint8
         pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(device)  # (b, 3, H, W)
-        out.append(F.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
+        embeds = _check_finite(model.encode_image(pixels).float(), start, "encode_images", "image")
+        out.append(F.normalize(embeds, dim=-1).cpu())
     return torch.cat(out)  # (N, D)
 
 
@@ -55,12 +97,16 @@ def encode_texts(model: CLIPModel, tokenizer, texts, cfg: Config, batch_size: in
     if model.training:
         model.eval()
     out = []
-    texts = [normalize_caption(t) for t in texts]
+    raw, texts = list(texts), [normalize_caption(t) for t in texts]
+    empty = [i for i, t in enumerate(texts) if not t]
+    if empty:  # whitespace or invisible characters alone, None, NaN: an embedding of nothing would still rank
+        raise ValueError(f"encode_texts: text {empty[0]} ({raw[empty[0]]!r}) is empty once whitespace and "
+                         f"invisible characters are removed ({len(empty)} such); pass words to embed")
     for start in range(0, len(texts), batch_size):
         tokens = tokenizer(texts[start:start + batch_size], padding="longest", truncation=True,
                            max_length=cfg.max_length, return_tensors="pt").to(device)
-        out.append(F.normalize(model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float(),
-                               dim=-1).cpu())
+        embeds = model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float()
+        out.append(F.normalize(_check_finite(embeds, start, "encode_texts", "text"), dim=-1).cpu())
     return torch.cat(out)  # (M, D)
 
 
@@ -217,6 +263,9 @@ def top_k_scores(image_embeds, query_embed: torch.Tensor, k: int, chunk_size: in
         chunk_size: rows per chunk, scored in float32; bounds the temporary memory.
     """
     _check_k(k)
+    if len(image_embeds) and (image_embeds.ndim != 2 or image_embeds.shape[1] != query_embed.shape[-1]):
+        raise ValueError(f"the gallery embeddings have shape {tuple(image_embeds.shape)} but the query has dimension "
+                         f"{query_embed.shape[-1]}: embed the gallery with this model (encode_images)")
     return exact_top_k(image_embeds, query_embed, k, chunk_size)  # float32 scores; an empty gallery finds nothing
 
 
@@ -240,9 +289,16 @@ def search_images(query: str, model: CLIPModel, tokenizer, images, cfg: Config, 
             image_embeds: the way to search hundreds of thousands of images in milliseconds.
     """
     _check_k(k)
+    if not isinstance(query, str):  # a list would be embedded as the text "['…', '…']"
+        raise ValueError(f"search_images takes one query string, not {type(query).__name__} {query!r:.80}; "
+                         "for several queries call it once per query")
+    if not normalize_caption(query):
+        raise ValueError(f"search_images: the query {query!r} is empty once whitespace and invisible characters "
+                         "are removed; type the words to search for")
     if images is None or len(images) == 0:
         raise ValueError("search_images got an empty gallery: pass the images to search (a list of paths, "
                          "PIL images or arrays)")
+    images = _gallery(images, "search_images")
     if image_embeds is not None and len(image_embeds) != len(images):
         raise ValueError(f"search_images: image_embeds has {len(image_embeds)} rows but the gallery has "
                          f"{len(images)} images; embed the same list you search")
@@ -250,12 +306,33 @@ def search_images(query: str, model: CLIPModel, tokenizer, images, cfg: Config, 
         raise ValueError(f"the index holds {index.ntotal} images but the gallery has {len(images)}: "
                          "build the index from this gallery's embeddings (build_index or embed_gallery)")
     if image_embeds is None and index is None:
-        image_embeds = encode_images(model, images, cfg)
+        images, image_embeds = _embed_readable(model, images, cfg)
     with torch.inference_mode():  # no autograd bookkeeping at all: a few hundred microseconds per query
         query_embed = encode_texts(model, tokenizer, [query], cfg)[0]  # (D,)
         scores, indices = (top_k_scores(image_embeds, query_embed, k) if index is None
                            else search_index(index, query_embed, k))
     return pd.DataFrame(dict(image=[images[i] for i in indices.tolist()], score=scores.tolist()))
+
+
+def _embed_readable(model: CLIPModel, images: list, cfg: Config) -> tuple[list, torch.Tensor]:
+    """(gallery, embeddings); with on_bad_input="skip", unreadable images are left out with a counted warning."""
+    try:
+        return images, encode_images(model, images, cfg)
+    except (ValueError, FileNotFoundError):
+        bad = set()
+        if cfg.on_bad_input == "skip":
+            for i, image in enumerate(images):
+                try:
+                    _image_pixels(image, cfg, "image")
+                except (ValueError, FileNotFoundError):
+                    bad.add(i)
+        if not bad or len(bad) == len(images):  # another problem, or nothing left to search: the error says which
+            raise
+    examples = [str(images[i]) for i in sorted(bad)[:3]]
+    warnings.warn(f"search_images skipped {len(bad)} of {len(images)} gallery images that cannot be read, e.g. "
+                  f"{', '.join(examples)}", stacklevel=3)
+    images = [image for i, image in enumerate(images) if i not in bad]
+    return images, encode_images(model, images, cfg)
 
 
 HINDI_TEMPLATES = ["{}", "एक {} की तस्वीर", "{} का चित्र", "इस चित्र में {} है"]
@@ -278,6 +355,10 @@ def zero_shot_classify(model: CLIPModel, tokenizer, images, class_names, cfg: Co
         raise ValueError(f"zero_shot_classify takes a list of class names, not one string: use [{class_names!r}]")
     if len(class_names) == 0:
         raise ValueError("zero_shot_classify got no classes: pass at least one class name (two to compare)")
+    empty = [name for name in class_names if not normalize_caption(name)]
+    if empty:
+        raise ValueError(f"zero_shot_classify: class name {empty[0]!r} is empty once whitespace and invisible "
+                         "characters are removed; name every class")
     if not isinstance(class_names, dict):
         repeated = sorted(name for name, n in Counter(class_names).items() if n > 1)
         if repeated:  # a dict keeps one of each: the columns would no longer line up with the names given
@@ -293,6 +374,9 @@ def zero_shot_classify(model: CLIPModel, tokenizer, images, class_names, cfg: Co
         image_embeds = encode_images(model, images, cfg)  # (N, D)
     class_embeds = torch.stack([encode_texts(model, tokenizer, prompts, cfg).mean(0)
                                 for prompts in class_names.values()])  # (C, D)
+    if image_embeds.ndim != 2 or image_embeds.shape[1] != class_embeds.shape[1]:
+        raise ValueError(f"zero_shot_classify: image_embeds have shape {tuple(image_embeds.shape)} but the model's "
+                         f"embeddings have dimension {class_embeds.shape[1]}: embed the images with this model")
     class_embeds = F.normalize(class_embeds, dim=-1)  # averaging shrinks the vectors: renormalise
     scale = model.logit_scale.exp().detach().cpu()
     return (scale * image_embeds.float() @ class_embeds.T).softmax(-1)  # (N, C); float16 galleries too

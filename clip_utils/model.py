@@ -41,6 +41,7 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, cfg: Config, model=None):
         super().__init__()
+        self.image_size = cfg.image_size  # the input size it is built for: encode_images refuses another
         self.from_transformers = model is not None or _is_transformers_clip(cfg.image_model)
         if self.from_transformers:
             self._init_transformers_clip(cfg, model)
@@ -49,10 +50,22 @@ class ImageEncoder(nn.Module):
         import timm
 
         pool = "" if cfg.image_pool == "flatten" else cfg.image_pool
-        self.model = timm.create_model(cfg.image_model, pretrained=cfg.image_pretrained, num_classes=0,
-                                       global_pool=pool, **cfg.image_model_kwargs)
+        try:
+            self.model = timm.create_model(cfg.image_model, pretrained=cfg.image_pretrained, num_classes=0,
+                                           global_pool=pool, **cfg.image_model_kwargs)
+        except TypeError as error:  # "unexpected keyword argument 'chanels'" from deep inside timm
+            raise ValueError(f"image_model_kwargs={cfg.image_model_kwargs!r} do not fit timm's {cfg.image_model!r} "
+                             f"({error}): use only arguments its model class takes") from None
         with torch.no_grad():  # feature size depends on pooling and input size: measure it once
-            self.out_dim = self.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
+            try:
+                self.out_dim = self.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
+            except (AssertionError, RuntimeError) as error:  # a ViT's patch grid fits one input size
+                native = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+                native = native[-1] if isinstance(native, (tuple, list)) else native  # (224, 224) -> 224
+                takes = f"takes {native} px images but" if native else "cannot take images of"
+                raise ValueError(f"{cfg.image_model} {takes} cfg.image_size={cfg.image_size} ({error}): set image_size "
+                                 f"to match, or build it for {cfg.image_size} px with image_model_kwargs="
+                                 f"dict(img_size={cfg.image_size})") from None
         self.train()
         data_cfg = timm.data.resolve_data_config({}, model=self.model)
         self.mean, self.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])  # the encoder's own
@@ -178,6 +191,14 @@ class CLIPModel(nn.Module):
     def forward(self, batch: dict):
         return (self.encode_image(batch["images"]),
                 self.encode_text(batch["input_ids"], batch["attention_mask"]))
+
+
+def _check_image_size(model: CLIPModel, cfg: Config) -> None:
+    """The Config's image_size must be the one the image tower was built for (encode_images; fit may call it too)."""
+    built = getattr(model.image_encoder, "image_size", cfg.image_size)
+    if built != cfg.image_size:
+        raise ValueError(f"cfg.image_size={cfg.image_size} but the model's image tower was built for {built} px "
+                         f"images: use the model's own Config (load_checkpoint returns it) or image_size={built}")
 
 
 def build_model(cfg: Config, captions=None):

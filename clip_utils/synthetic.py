@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import _cached_splits, split_by_image
+from .tables import _cached_splits, split_by_image
 
 # Synthetic scenes: (name, gender, plural) for shapes; colours with their RGB.
 _SHAPES = {  # primary name -> synonyms, each (word, gender, plural)

@@ -2,7 +2,6 @@
 tokenizer that keeps every matra and virama."""
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 
@@ -13,11 +12,28 @@ _INVISIBLE = re.compile("[\u00ad\u200b\u200c\u200d\u200e\u200f\u2060\ufeff\u202a
 _DANDA_SPACE = re.compile(r"\s+([।॥])")  # "है ।" -> "है।"
 
 
+def caption_text(cell) -> str | None:
+    """A table cell as caption text: a string as it is, UTF-8 bytes decoded, "" for a missing-value marker
+    (None, NaN, pd.NA, NaT); None for anything else (a number, a list, undecodable bytes), which is no caption."""
+    if isinstance(cell, str):
+        return cell
+    if isinstance(cell, (bytes, bytearray)):
+        try:
+            return bytes(cell).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        missing = cell is None or bool(cell != cell) or str(cell) in ("<NA>", "NaT")  # NaN != NaN; pd.NA, NaT
+    except (TypeError, ValueError):  # pd.NA refuses bool(); an array is ambiguous
+        missing = str(cell) == "<NA>"
+    return "" if missing else None
+
+
 def normalize_caption(text) -> str:
-    """NFC-normalise a caption, drop invisible characters, tidy dandas and whitespace ("" for NaN)."""
-    if text is None or (isinstance(text, float) and math.isnan(text)):
-        return ""
-    text = unicodedata.normalize("NFC", str(text))  # precomposed and decomposed nukta become one spelling
+    """NFC-normalise a caption, drop invisible characters, tidy dandas and whitespace ("" for NaN, None, pd.NA)."""
+    cell = caption_text(text)
+    # NFC: precomposed and decomposed nukta become one spelling
+    text = unicodedata.normalize("NFC", str(text) if cell is None else cell)
     text = _INVISIBLE.sub("", text)
     text = text.replace("।।", "॥").replace("|", "।")  # ASCII pipe is a common stand-in for the danda
     text = " ".join(text.split())

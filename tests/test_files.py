@@ -63,10 +63,11 @@ def test_split_tables_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", dies_on_the_second)
     with pytest.raises(KeyboardInterrupt):
-        cu.data._cached_splits(tmp_path, lambda: (table, table, table), {"what": "a test table"})
+        cu.tables._cached_splits(tmp_path, lambda: (table, table, table), {"what": "a test table"})
     monkeypatch.setattr(pd.DataFrame, "to_csv", real)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.csv"]  # no short val.csv, no leftovers
     rebuilt = []
-    splits = cu.data._cached_splits(tmp_path, lambda: rebuilt.append(1) or (table, table, table), {"what": "a test table"})
+    splits = cu.tables._cached_splits(tmp_path, lambda: rebuilt.append(1) or (table, table, table),
+                                    {"what": "a test table"})
     assert rebuilt and all(len(s) == 1 for s in splits)  # an incomplete set is made again
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source.json", "test.csv", "train.csv", "val.csv"]

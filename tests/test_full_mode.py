@@ -145,17 +145,17 @@ def _object_shape(images: torch.Tensor) -> list[tuple[float, float]]:
 
 
 @pytest.mark.parametrize("geometry, aspect", [("square", 0.75), ("crop", 1.0)])
-def test_training_and_evaluation_see_a_photo_the_same_way(geometry, aspect, tmp_path, tiny_model, tiny_cfg):
+def test_training_and_evaluation_see_a_photo_the_same_way(geometry, aspect, tmp_path, synthetic, tiny_cfg):
     """A round object on a 4:3 photo: the training loader's views and encode_images' view agree in shape and size."""
-    model, tokenizer = tiny_model
     cfg = dataclasses.replace(tiny_cfg, image_geometry=geometry, image_size=96, batch_size=8)
+    model, tokenizer = cu.build_model(cfg, captions=synthetic[1]["caption"])  # a tower built for 96 px
     photo = Image.new("RGB", (320, 240))
     ImageDraw.Draw(photo).ellipse((160 - 48, 120 - 48, 160 + 48, 120 + 48), fill=(255, 255, 255))
     photo.save(tmp_path / "wide.png")
     table = pd.DataFrame({"image": [str(tmp_path / "wide.png")] * 32, "caption": ["एक सफ़ेद गोला"] * 32})
     loader = cu.make_loader(table, tokenizer, cfg, train=True, **model.image_encoder.crop)
     train_shapes = [s for batch in loader for s in _object_shape(batch["images"])]  # 32 augmented views
-    seen = []  # what encode_images hands the image tower (then stop: the tiny tower's head is built for 32 px)
+    seen = []  # what encode_images hands the image tower (then stop: only its input matters here)
 
     def look(module, args):
         seen.append(args[0])
@@ -190,11 +190,11 @@ def test_cached_tables_work_from_any_folder(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "data" / "images" / "a.png")
     table = pd.DataFrame({"image": ["data/images/a.png"], "caption": ["एक लाल गोला"]})  # relative to the cwd
     source = dict(captions="a table", what="a one-row table")
-    first = cu.data._cached_splits("data", lambda: (table, table, table), source)
+    first = cu.tables._cached_splits("data", lambda: (table, table, table), source)
     assert first[0]["image"][0] == str(tmp_path / "data" / "images" / "a.png")
     assert pd.read_csv(tmp_path / "data" / "train.csv")["image"][0] == str(Path("images") / "a.png")
     monkeypatch.chdir(tmp_path / "data")  # a notebook's folder
-    again = cu.data._cached_splits(tmp_path / "data", lambda: pytest.fail("rebuilt"), source)
+    again = cu.tables._cached_splits(tmp_path / "data", lambda: pytest.fail("rebuilt"), source)
     assert Path(again[0]["image"][0]).exists()
 
 

@@ -104,6 +104,25 @@ def test_interrupted_translation_resumes_without_repeats_or_gaps(translator, tok
     assert cu.read_translations(out).equals(table)
 
 
+def test_a_run_killed_inside_a_hindi_character_resumes_without_repeats_or_gaps(translator, token_file, tmp_path,
+                                                                               monkeypatch):
+    folder, alone = translator
+    out = tmp_path / "hindi.csv"
+    _count_generate_calls(monkeypatch, fail_on_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        cu.translate_captions(token_file, out, model_name=str(folder), **FAST)
+    assert len(cu.read_translations(out)) == 3
+    row = f"{IMAGES[4]},1,A woman in a red coat,एक लाल".encode("utf-8")
+    with open(out, "ab") as f:
+        f.write(row[:-1])  # killed in the middle of writing the last byte-sequence of "ल"
+
+    calls = _count_generate_calls(monkeypatch)
+    table = cu.translate_captions(token_file, out, model_name=str(folder), **FAST)
+    assert sum(len(b) for b in calls) == len(PAIRS) - 3  # nothing translated twice
+    assert table[["image", "number", "english"]].equals(cu.read_english_captions(token_file))  # nothing lost
+    assert list(table["caption"]) == [alone[e] for e in table["english"]]
+
+
 def test_outputs_cut_at_max_new_tokens_are_marked_and_counted(translator, token_file, tmp_path):
     folder, _ = translator
     table = cu.translate_captions(token_file, tmp_path / "short.csv", model_name=str(folder),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..data import _cached_splits, split_by_image
+from ..tables import _cached_splits, split_by_image
 from ..text import normalize_caption
 from .downloads import _fetch, _mirrored, download
 
@@ -66,10 +66,19 @@ def _caption_lines(path, language: str):
 
 def _karpathy_paths(karpathy_json, image_root) -> dict[int, str]:
     """COCO id -> absolute photo path of the photos on disk, from the Karpathy split file's filepath/filename."""
-    with open(karpathy_json, encoding="utf-8") as f:
-        images = json.load(f).get("images")
-    if not images:
-        raise ValueError(f"{karpathy_json} has no 'images' list: pass dataset_coco.json from caption_datasets.zip "
+    try:
+        with open(karpathy_json, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as error:  # cut short, or not JSON at all
+        raise ValueError(f"{karpathy_json} is not a JSON file ({error}): pass dataset_coco.json from "
+                         f"caption_datasets.zip ({COCO35L_URLS['karpathy']})") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    wanted = ("cocoid", "filepath", "filename")
+    if not images or not all(isinstance(im, dict) and all(k in im for k in wanted) for im in images):
+        found = sorted(images[0]) if images and isinstance(images[0], dict) else type(data).__name__
+        other = " (COCO's own annotations, captions_*.json, have 'file_name' and 'id')" if "file_name" in found else ""
+        raise ValueError(f"{karpathy_json} is not the Karpathy split file: its images need {list(wanted)}, found "
+                         f"{found}{other}; pass dataset_coco.json from caption_datasets.zip "
                          f"({COCO35L_URLS['karpathy']})")
     root = os.path.abspath(image_root)
     return {int(im["cocoid"]): os.path.join(root, im["filepath"], im["filename"]) for im in images}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 from pathlib import Path
 
 
@@ -29,6 +30,9 @@ def download(url: str, dest, size: int | None = None, sha256: str | None = None)
     from tqdm.auto import tqdm
 
     dest = Path(dest)
+    if dest.is_dir():  # "exists" would pass a folder off as the finished download
+        raise IsADirectoryError(f"download of {url}: {dest} is a folder; give the file to write, e.g. "
+                                f"{dest / Path(url).name}")
     if dest.exists() and (size is None or dest.stat().st_size == size):
         if sha256 and _sha256(dest) != sha256:
             raise IOError(f"{dest} exists but its sha256 is not {sha256}: delete it and download again")
@@ -76,17 +80,42 @@ def extract_archive(archive, dest) -> Path:
 
     dest = Path(dest).resolve()
     dest.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for name in zf.namelist():
-                if not (dest / name).resolve().is_relative_to(dest):
-                    raise ValueError(f"unsafe archive {archive}: member {name!r} would escape {dest}")
-            zf.extractall(dest)
-    else:
-        with tarfile.open(archive) as tf:
-            # "data" refuses absolute paths, "..", links out of dest and device files
-            tf.extractall(dest, filter="data")
+    _check_archive(archive)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for name in zf.namelist():
+                    if not (dest / name).resolve().is_relative_to(dest):
+                        raise ValueError(f"unsafe archive {archive}: member {name!r} would escape {dest}")
+                zf.extractall(dest)
+        else:
+            with tarfile.open(archive) as tf:
+                for member in tf.getmembers():  # links are refused outright: older "data" filters let some escape
+                    if not (member.isfile() or member.isdir()):
+                        raise ValueError(f"unsafe archive {archive}: member {member.name!r} is a "
+                                         f"{'link' if member.issym() or member.islnk() else 'special file'}; "
+                                         "only files and folders are unpacked")
+                # "data" refuses absolute paths and ".." (a tarfile.FilterError) and odd permissions
+                tf.extractall(dest, filter="data")
+    except (tarfile.ReadError, tarfile.CompressionError, zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise ValueError(f"{archive} cannot be unpacked ({type(error).__name__}: {error}): it is cut short or "
+                         "damaged; delete it and download again") from None
     return dest
+
+
+def _check_archive(archive) -> None:
+    """Refuse a file that is no archive, naming an HTML page (a login or error page saved in its place) as such."""
+    import tarfile
+    import zipfile
+
+    with open(archive, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in head:
+        raise ValueError(f"{archive} is an HTML (or XML) page, not an archive: the server sent an error or login page: "
+                         "delete it and download again, or fetch it by hand")
+    if not (zipfile.is_zipfile(archive) or tarfile.is_tarfile(archive)):
+        raise ValueError(f"{archive} is not a .zip or .tar(.gz) archive (it starts with {head[:16]!r}): delete "
+                         "it and download again")
 
 
 def _mirrored(url: str) -> str:

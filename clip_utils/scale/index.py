@@ -102,7 +102,11 @@ def search_index(index, query_embeds: torch.Tensor, k: int):
         query_embeds: (D,) one unit query, or (Q, D) several.
         k: how many results (fewer if the gallery is smaller).
     """
-    queries = np.ascontiguousarray(torch.as_tensor(query_embeds).float().reshape(-1, index.d).numpy())  # (Q, D)
+    query_embeds = torch.as_tensor(query_embeds)
+    if query_embeds.ndim not in (1, 2) or query_embeds.shape[-1] != index.d:  # reshape would split one query in two
+        raise ValueError(f"the index holds vectors of dimension {index.d} but the query has shape "
+                         f"{tuple(query_embeds.shape)}: build the index from this model's embeddings")
+    queries = np.ascontiguousarray(query_embeds.float().reshape(-1, index.d).numpy())  # (Q, D)
     k = min(k, index.ntotal)
     with _faiss_threads(1 if len(queries) < 16 else (os.cpu_count() or 1)):
         scores, indices = index.search(queries, k) if k > 0 else (np.empty((len(queries), 0)),) * 2

@@ -23,12 +23,12 @@ INDEX = "index.json"
 SHUFFLE_BUFFER = 1000  # samples (encoded: ~160 MB of COCO photos) each worker shuffles among, after the shard order
 
 
-def _fingerprint(df: pd.DataFrame, cfg: Config, max_side) -> str:
-    """A hash of what write_shards would write: the rows, their photo files, the shuffling seed, the photo size."""
+def _fingerprint(df: pd.DataFrame, cfg: Config, max_side, rows_per_shard: int) -> str:
+    """A hash of what write_shards would write: rows, photo files, shuffling seed, photo and shard sizes."""
     import hashlib
 
     files = file_fingerprint([_resolve(image, cfg) for image in pd.unique(df["image"])])  # photos replaced in place too
-    digest = hashlib.sha256(f"{cfg.seed} {max_side} {cfg.image_dir} {files}".encode())
+    digest = hashlib.sha256(f"{cfg.seed} {max_side} {cfg.image_dir} {rows_per_shard} {files}".encode())
     for image, caption in zip(df["image"], df["caption"]):
         digest.update(f"{image}\t{caption}\n".encode())
     return digest.hexdigest()
@@ -68,10 +68,12 @@ def write_shards(df: pd.DataFrame, folder, cfg: Config, rows_per_shard: int = 10
         rows_per_shard: caption rows per tar file; use at least processes x workers shards (see stream_loader).
         max_side: re-encode each photo as a JPEG whose shorter side is at most this (None: the file's own bytes).
     """
-    if not (isinstance(rows_per_shard, int) and rows_per_shard >= 1):
+    if not (isinstance(rows_per_shard, (int, np.integer)) and not isinstance(rows_per_shard, bool)
+            and rows_per_shard >= 1):
         raise ValueError(f"rows_per_shard must be an integer >= 1, got {rows_per_shard!r}")
+    rows_per_shard = int(rows_per_shard)  # a numpy integer too
     folder = Path(folder)
-    fingerprint = _fingerprint(df, cfg, max_side)
+    fingerprint = _fingerprint(df, cfg, max_side, rows_per_shard)
     if (folder / INDEX).exists() and read_index(folder).get("fingerprint") == fingerprint:
         return folder
     df = clean_table(df, cfg, name="shard")
@@ -94,7 +96,7 @@ def write_shards(df: pd.DataFrame, folder, cfg: Config, rows_per_shard: int = 10
                     info = tarfile.TarInfo(f"{row:09d}.{member}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-        shards.append(dict(name=name, rows=len(rows)))
+        shards.append(dict(name=name, rows=len(rows), bytes=(folder / name).stat().st_size))  # checked on reading
     index = dict(rows=len(df), images=len(images), fingerprint=fingerprint, shards=shards)
     with atomic_write(folder / INDEX) as partial:  # all or nothing: a reader never sees half an index
         partial.write_text(json.dumps(index, indent=1))
@@ -106,22 +108,40 @@ def read_index(folder) -> dict:
     path = Path(folder) / INDEX
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {folder} is not a shard folder; write one with write_shards")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): write the shards again (write_shards)") from None
 
 
 def _samples(path: Path):
     """(image bytes, caption, image id) of each key in one tar file, in file order."""
-    with tarfile.open(path, "r|") as tar:  # "r|": one forward pass, as over a network stream
-        key, parts = None, {}
-        for member in tar:
-            stem, _, suffix = member.name.partition(".")
-            if stem != key:
-                if parts:
-                    yield parts
-                key, parts = stem, {}
-            parts[suffix] = tar.extractfile(member).read()
-        if parts:
-            yield parts
+    try:
+        with tarfile.open(path, "r|") as tar:  # "r|": one forward pass, as over a network stream
+            key, parts = None, {}
+            for member in tar:
+                stem, _, suffix = member.name.partition(".")
+                if stem != key:
+                    if parts:
+                        yield parts
+                    key, parts = stem, {}
+                parts[suffix] = tar.extractfile(member).read()
+            if parts:
+                yield parts
+    except (tarfile.TarError, EOFError, OSError) as error:  # cut short or damaged: tarfile names no file
+        raise ValueError(f"shard {path} cannot be read to its end ({type(error).__name__}: {error}): it is cut "
+                         "short or damaged; write the shards again (write_shards)") from None
+
+
+def _check_shards(folder: Path, index: dict) -> None:
+    """Every shard index.json lists is there, at the size it was written (index.json from before sizes: present)."""
+    for shard in index["shards"]:
+        path = folder / shard["name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} is missing ({folder / INDEX} lists it): write the shards again")
+        if "bytes" in shard and path.stat().st_size != shard["bytes"]:
+            raise ValueError(f"shard {path} has {path.stat().st_size} bytes but {INDEX} records {shard['bytes']}: "
+                             "it was cut short or replaced; write the shards again (write_shards)")
 
 
 def _reader_shares(rows: list[int], order, slots: int) -> tuple[list, bool]:
@@ -148,6 +168,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.folder, self.tokenizer, self.cfg, self.transform = Path(folder), tokenizer, cfg, transform
         self.rank, self.world, self.epoch, self.workers = rank, world, epoch, max(workers, 1)
         index = read_index(folder)
+        _check_shards(self.folder, index)
         self.shards = [s["name"] for s in index["shards"]]
         self.rows = [s["rows"] for s in index["shards"]]
         self.local_batch = cfg.batch_size // world
@@ -189,10 +210,14 @@ class _ShardStream(torch.utils.data.IterableDataset):
         """This reader's samples, in its shards' order: whole shards, or every slots-th sample of all of them."""
         counted = 0
         for k in self.shares[slot]:
+            found = 0
             for parts in _samples(self.folder / self.shards[k]):
                 if self.whole or counted % slots == slot:
                     yield parts
-                counted += 1
+                counted, found = counted + 1, found + 1
+            if found != self.rows[k]:  # streaming on would give fewer batches than len() promised
+                raise ValueError(f"shard {self.folder / self.shards[k]} holds {found} samples but {INDEX} promises "
+                                 f"{self.rows[k]}: write the shards again (write_shards)")
 
     def _decode(self, parts: dict):
         suffix = next(s for s in parts if s not in ("txt", "json"))
@@ -203,6 +228,19 @@ class _ShardStream(torch.utils.data.IterableDataset):
             return None
         meta = json.loads(parts["json"])
         return self.transform(image=image)["image"], parts["txt"].decode(), int(meta["image_id"])
+
+
+def _check_world(rank, world, batch_size: int) -> None:
+    """Processes that can share the global batch: 0 <= rank < world, and batch_size a multiple of world."""
+    integer = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
+    if not (integer(world) and world >= 1):
+        raise ValueError(f"stream_loader: world={world!r} must be the number of processes, an integer >= 1")
+    if not (integer(rank) and 0 <= rank < world):
+        raise ValueError(f"stream_loader: rank={rank!r} must be this process's index, 0 <= rank < world={world}")
+    if batch_size % world:
+        nearest = max(world, batch_size // world * world)
+        raise ValueError(f"stream_loader: cfg.batch_size={batch_size} is the global batch, shared by world={world} "
+                         f"processes: use a multiple of {world}, e.g. batch_size={nearest}")
 
 
 def stream_loader(folder, tokenizer, cfg: Config, rank: int = 0, world: int = 1, epoch: int = 1,
@@ -223,6 +261,7 @@ def stream_loader(folder, tokenizer, cfg: Config, rank: int = 0, world: int = 1,
         epoch: reseeds shard order, sample order and augmentation.
         crop_pct, interpolation: the image encoder's crop (ImageEncoder.crop), for cfg.image_geometry="crop".
     """
+    _check_world(rank, world, cfg.batch_size)
     workers, cuda = _loader_workers(cfg)
     transform = image_transforms(cfg, True, normalize=False, crop_pct=crop_pct,
                                  interpolation=interpolation)  # uint8 pixels: the encoder normalises

@@ -14,7 +14,8 @@ import pandas as pd
 
 from ..config import Config, _pick_device
 from ..files import atomic_write
-from ..text import normalize_caption
+from ..tables import _check_columns
+from ..text import caption_text, normalize_caption
 
 DEFAULT_TRANSLATOR = Config.translator  # facebook/nllb-200-distilled-600M, CC-BY-NC-4.0: see the README
 # The translation file: one row per English caption. "caption" is the Hindi text, so read_captions (which takes
@@ -32,9 +33,15 @@ def read_english_captions(source) -> pd.DataFrame:
     """
     if isinstance(source, pd.DataFrame):
         text_column = "english" if "english" in source else "caption"
-        if "image" not in source or text_column not in source:
-            raise ValueError(f"an English caption table needs columns image and english, got {list(source)}")
-        table = pd.DataFrame({"image": source["image"].astype(str), "english": source[text_column].astype(str)})
+        _check_columns(source, ("image", text_column), "the English caption table")
+        texts = [caption_text(c) for c in source[text_column]]  # astype(str) would translate NaN as "nan"
+        missing = [i for i, text in enumerate(texts) if not (text or "").strip()]
+        if missing:
+            row = source.index[missing[0]]
+            raise ValueError(f"the English caption table has {len(missing)} rows without a caption in column "
+                             f"{text_column!r}, first row {row} (image {source['image'].iat[missing[0]]!r}): "
+                             "drop them, e.g. df.dropna(subset=[" + repr(text_column) + "])")
+        table = pd.DataFrame({"image": source["image"].astype(str), "english": texts}, index=source.index)
         table["number"] = (source["number"].astype(int) if "number" in source
                            else table.groupby("image").cumcount())
     else:
@@ -47,6 +54,8 @@ def read_english_captions(source) -> pd.DataFrame:
             if not (tab and hash_ and number.isdigit()):
                 raise ValueError(f"{source} line {i + 1}: expected 'image.jpg#n<TAB>English caption', "
                                  f"got {line[:60]!r}")
+            if not english.strip():
+                raise ValueError(f"{source} line {i + 1}: {key.strip()!r} has no English caption; delete the line")
             rows.append((name, int(number), english))
         if not rows:
             raise ValueError(f"{source}: no captions")
@@ -63,9 +72,13 @@ def read_english_captions(source) -> pd.DataFrame:
 def read_translations(path) -> pd.DataFrame:
     """The translation file as a table (image, number, english, caption = Hindi, truncated); a torn last line is
     ignored."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]  # a run killed mid-write leaves a partial last line
+    data = Path(path).read_bytes()
+    data = data[:data.rfind(b"\n") + 1]  # a run killed mid-write leaves a partial last line, maybe half a character
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 (line {line}): delete it to translate again") from None
     rows = list(csv.reader(io.StringIO(text)))
     if not rows or rows[0] != TRANSLATION_COLUMNS:
         raise ValueError(f"{path} is not a translation file: its header should be {','.join(TRANSLATION_COLUMNS)}")
@@ -125,7 +138,10 @@ def translate_captions(source, out_path, model_name: str = DEFAULT_TRANSLATOR, s
                     max_new_tokens=max_new_tokens)
     meta = out_path.with_name(out_path.name + ".json")
     if out_path.exists():
-        made_with = json.loads(meta.read_text()) if meta.exists() else settings
+        try:
+            made_with = json.loads(meta.read_text()) if meta.exists() else settings
+        except ValueError:
+            raise ValueError(f"{meta} is not valid JSON: delete it and {out_path.name} to translate again") from None
         if made_with != settings:
             raise ValueError(f"{out_path} was made with {made_with}, not {settings}: delete it (and {meta.name}) "
                              "or choose another out_path")
