@@ -57,10 +57,23 @@ def test_rooms_stay_small_and_say_what_they_hold():
 
 
 def test_committed_notebooks_hold_no_outputs():
-    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    notebooks = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
     assert notebooks
     for path in notebooks:
         cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
         code = [(i, c) for i, c in enumerate(cells) if c["cell_type"] == "code"]
         dirty = [i for i, c in code if c.get("outputs") or c.get("execution_count")]
         assert not dirty, f"{path.name}: cells {dirty} hold outputs; strip them before committing"
+
+
+def test_every_chapter_ends_with_exercises_whose_solutions_share_its_setup():
+    chapters = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert chapters
+    for path in chapters:
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        assert "".join(cells[-1]["source"]).startswith("## Exercises"), f"{path.name} does not end with Exercises"
+        solutions = ROOT / "notebooks" / "solutions" / f"{path.name[:2]}_solutions.ipynb"
+        assert solutions.exists(), f"{path.name}: no {solutions.relative_to(ROOT)}"
+        solved = json.loads(solutions.read_text(encoding="utf-8"))["cells"]
+        for k in (1, 2):  # the setup and settings cells, so a solution runs wherever its chapter runs
+            assert solved[k]["source"] == cells[k]["source"], f"{solutions.name}: cell {k} differs from {path.name}'s"
