@@ -60,6 +60,7 @@ from .evaluate import (
     top_k_scores,
     zero_shot_classify,
 )
+from .loop import train_loop
 from .losses import clip_loss, soft_target_loss
 from .model import CLIPModel, ImageEncoder, ProjectionHead, TextEncoder, build_model, build_text_tower
 from .plots import plot_history, show_retrieval, show_zero_shot, use_devanagari_font
@@ -92,7 +93,7 @@ __all__ = [
     "write_shards", "read_index", "stream_loader",
     "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model", "build_text_tower",
     "clip_loss", "soft_target_loss",
-    "make_optimizer", "train_step", "similar_batches", "fit",
+    "make_optimizer", "train_step", "similar_batches", "fit", "train_loop",
     "encode_images", "encode_texts", "recall_at_k", "retrieval_metrics", "embed_gallery",
     "top_k_scores", "search_images", "zero_shot_classify", "HINDI_TEMPLATES",
     "EXACT_UP_TO", "index_kind", "build_index", "search_index", "index_recall", "save_index", "load_index",

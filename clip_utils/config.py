@@ -46,7 +46,10 @@ class Config:
     freeze: str = "none"  # "image" locks the image tower (LiT: e.g. resnet50_clip.openai), "text", or "none"
     # -- optimisation --
     batch_size: int = 32  # pairs per step, over all processes; also the number of in-batch negatives + 1
-    gradient_accumulation_steps: int = 1  # update every k batches; each batch keeps its own negatives
+    # k > 1: one update scores k * batch_size rows against each other (open_clip's --accum-freq): a first pass
+    # embeds all k batches without gradients, then each is embedded again with them. Memory of one batch
+    # (plus k batches' embeddings), negatives of k, about 1.3x the compute of a plain step (forward twice)
+    gradient_accumulation_steps: int = 1
     hard_negatives: int = 0  # >1: build batches from groups of this many look-alike images (see similar_batches)
     epochs: int = 10  # passes over every caption of the training table
     head_lr: float = 1e-3  # projection heads and temperature
@@ -55,7 +58,11 @@ class Config:
     weight_decay: float = 1e-3  # AdamW weight decay on the heads
     patience: int = 1  # ReduceLROnPlateau: epochs without val improvement before a cut
     factor: float = 0.8  # ReduceLROnPlateau: multiply the learning rates by this
-    max_minutes: float | None = None  # stop training after this many minutes (None: no limit)
+    max_minutes: float | None = None  # stop training after this many minutes (None: no limit); an epoch it cuts
+    # short is not recorded, and fit(resume=True) repeats it
+    select_best: str = "val_loss"  # what best/ keeps: lowest "val_loss", or highest "val_t2i_r1" (validation R@1)
+    collective_timeout_minutes: float = 10.0  # several processes: a rank that waits this long for the others
+    # during training fails the launch (the command line's data-preparation wait is apart: 60 minutes)
     precision: str = "auto"  # "auto": bf16 where the GPU/CPU has it, else fp16 + scaler (GPU) or fp32 (CPU)
     seed: int = 42  # one seed for data order, augmentation and init
     device: str = "auto"  # "auto" picks CUDA when available, else CPU
@@ -140,6 +147,7 @@ _CHOICES = {
     "precision": ("auto", "bf16", "fp32"),
     "heads": ("mlp", "linear"),
     "eval_resize": ("crop", "square"),
+    "select_best": ("val_loss", "val_t2i_r1"),
 }
 _DEVICE = re.compile(r"auto|cpu|cuda")  # fit runs on Accelerate: one GPU per process, chosen by CUDA_VISIBLE_DEVICES
 
@@ -182,6 +190,7 @@ _RANGES = [
     ("patience", lambda v: _integer(v) and v >= 0, "an integer >= 0 (epochs)"),
     ("factor", lambda v: _number(v) and 0 < v < 1, "a number with 0 < factor < 1"),
     ("max_minutes", lambda v: v is None or (_number(v) and v > 0), "None (no limit) or a number > 0"),
+    ("collective_timeout_minutes", lambda v: _number(v) and v > 0, "a number of minutes > 0"),
     ("seed", lambda v: _integer(v) and 0 <= v < 2**32, "an integer with 0 <= seed < 2**32 (numpy's range)"),
 ]
 

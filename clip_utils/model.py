@@ -154,8 +154,9 @@ class CLIPModel(nn.Module):
         return self.text_projection(features)  # (B, D)
 
     def forward(self, batch: dict):
-        return (self.encode_image(batch["images"]),
-                self.encode_text(batch["input_ids"], batch["attention_mask"]))
+        """(image_embeds, text_embeds); a batch of captions alone (distillation) gives (None, text_embeds)."""
+        images = self.encode_image(batch["images"]) if "images" in batch else None
+        return images, self.encode_text(batch["input_ids"], batch["attention_mask"])
 
 
 def build_model(cfg: Config, captions=None):
