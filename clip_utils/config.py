@@ -30,7 +30,8 @@ class Config:
     image_model: str = "resnet50"  # a timm name, or a transformers CLIP name/folder (has a "/"): its vision tower
     image_pretrained: bool = True  # load timm's ImageNet weights
     image_model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
-    image_pool: str = "avg"  # timm global pool; "flatten" keeps the small final grid, i.e. *where* things are
+    image_pool: str = "avg"  # timm global pool; "flatten" keeps the small final grid, i.e. *where* things are;
+    # "model": the model's own head as timm builds it (LiT's CLIP towers: attention pool, class token)
     text_model: str = "l3cube-pune/hindi-bert-v2"  # Hugging Face name or local folder
     text_pretrained: bool = True  # False: random-init BERT from text_config + WordPiece trained on captions
     text_config: dict = field(default_factory=dict)  # BertConfig arguments when text_pretrained is False
@@ -140,7 +141,7 @@ class Config:
 _CHOICES = {
     "mode": ("quick", "full"),
     "on_bad_input": ("skip", "raise"),
-    "image_pool": ("avg", "max", "avgmax", "catavgmax", "token", "map", "flatten"),  # timm's pools + our flatten
+    "image_pool": ("avg", "max", "avgmax", "catavgmax", "token", "map", "flatten", "model"),  # timm's + ours
     "pooling": ("cls", "mean", "pooler"),
     "loss": ("clip", "soft_target"),
     "freeze": ("none", "image", "text"),

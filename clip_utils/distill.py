@@ -222,5 +222,7 @@ def lit_config(cfg: Config, image_model: str = "resnet50_clip.openai") -> Config
         import timm
 
         size = timm.get_pretrained_cfg(image_model).input_size[-1]
+    # image_pool="model": the tower keeps the head its weights were trained with (an attention pool for
+    # resnet50_clip.openai, the class token and its `norm` for a CLIP ViT), so every pretrained key loads
     return dataclasses.replace(cfg, image_model=image_model, image_pretrained=True, image_model_kwargs={},
-                               image_pool="avg", image_size=size, freeze="image")
+                               image_pool="model", image_size=size, freeze="image")

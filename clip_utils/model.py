@@ -31,9 +31,11 @@ class ImageEncoder(nn.Module):
             return
         import timm
 
+        # "model": the head its owners built (a CLIP ResNet's attention pool, a CLIP ViT's class token and norm)
         pool = "" if cfg.image_pool == "flatten" else cfg.image_pool
+        pool = {} if pool == "model" else dict(global_pool=pool)
         self.model = timm.create_model(cfg.image_model, pretrained=cfg.image_pretrained, num_classes=0,
-                                       global_pool=pool, **cfg.image_model_kwargs)
+                                       **pool, **cfg.image_model_kwargs)
         with torch.no_grad():  # feature size depends on pooling and input size: measure it once
             self.out_dim = self.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
         self.train()

@@ -102,7 +102,7 @@ def _two_steps(rank, world):
     trained, optimizer = accelerator.prepare(model, optimizer)
     share = lambda b: {k: v.tensor_split(world)[rank] for k, v in b.items()}  # contiguous, in rank order
     losses = [cu.train_step(trained, share(batch), optimizer, cfg, accelerator) for _ in range(2)]
-    val_losses = [cu.train._mean_loss(trained, [share(val)], cfg, accelerator) for _ in range(2)]
+    val_losses = [cu.train._validate(trained, [share(val)], cfg, accelerator)["val_loss"] for _ in range(2)]
     for val_loss in (val_losses[0], val_losses[0] + 1):  # the second call is worse: the plateau cuts the rates
         scheduler.step(val_loss)
     return dict(losses=losses, grads=grads, val_loss=val_losses[0], lrs=[g["lr"] for g in optimizer.param_groups],
@@ -174,21 +174,21 @@ def _resume_worker(rank, world, train, val, cfg, out):
     whole_params = {k: v.clone() for k, v in model.state_dict().items()}
 
     killed = dataclasses.replace(cfg, out_dir=cfg.out_dir + "-killed")
-    real_mean_loss, calls = cu.train._mean_loss, []
+    real_validate, calls = cu.train._validate, []
 
     def dies_in_second_validation(*args):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt("session killed")
-        return real_mean_loss(*args)
+        return real_validate(*args)
 
-    cu.train._mean_loss = dies_in_second_validation
+    cu.train._validate = dies_in_second_validation
     model, tokenizer = cu.build_model(killed, captions=train["caption"])
     try:
         cu.fit(model, tokenizer, train, val, killed)
     except KeyboardInterrupt:
         pass
-    cu.train._mean_loss = real_mean_loss
+    cu.train._validate = real_validate
     model, tokenizer = cu.build_model(killed, captions=train["caption"])
     resumed = cu.fit(model, tokenizer, train, val, killed, resume=True)
     torch.save(dict(whole=whole.to_dict("list"), resumed=resumed.to_dict("list"), whole_params=whole_params,
@@ -216,13 +216,13 @@ def test_two_processes_resume_to_the_uninterrupted_run(synthetic, tiny_cfg, tmp_
 def _stream_worker(rank, world, folder, train, val, cfg, out):
     """fit from a shard folder whose shards split unevenly over the ranks; count each rank's steps."""
     steps = []
-    real_step = cu.train.train_step
+    real_embed = cu.train._ClipTask.embed
 
-    def counted(*args, **kwargs):
+    def counted(*args, **kwargs):  # the training forward pass: once per step (k = 1)
         steps.append(1)
-        return real_step(*args, **kwargs)
+        return real_embed(*args, **kwargs)
 
-    cu.train.train_step = counted
+    cu.train._ClipTask.embed = counted
     model, tokenizer = cu.build_model(cfg, captions=train["caption"])
     history = cu.fit(model, tokenizer, folder, val, cfg)
     torch.save(dict(steps=len(steps), history=history.to_dict("list"), params=model.state_dict()),
