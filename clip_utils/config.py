@@ -56,7 +56,10 @@ class Config:
     head_lr: float = 1e-3  # projection heads and temperature
     image_encoder_lr: float = 1e-4  # image tower
     text_encoder_lr: float = 1e-5  # text tower (pretrained BERTs forget quickly)
-    weight_decay: float = 1e-3  # AdamW weight decay on the heads
+    # AdamW weight decay on the heads' matrices. The one change to the published recipe (which decays every head
+    # parameter): no decay on biases, LayerNorm gains and the temperature, as open_clip, because decay pulls
+    # them toward 0, i.e. a LayerNorm toward silence and the temperature toward 1, which no data asks for
+    weight_decay: float = 1e-3
     patience: int = 1  # ReduceLROnPlateau: epochs without val improvement before a cut
     factor: float = 0.8  # ReduceLROnPlateau: multiply the learning rates by this
     max_minutes: float | None = None  # stop training after this many minutes (None: no limit); an epoch it cuts

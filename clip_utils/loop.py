@@ -81,10 +81,10 @@ def accumulated_losses(task, model, group: list, cfg: Config, accelerator):
         # DDP reduces the gradients once, in the last backward pass; the others only add them up locally
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with autocast:
-                own = task.embed(model, batch)
-                features = own if cached is None else [torch.cat([*[c[i] for c in cached[:j]], own[i],
-                                                                  *[c[i] for c in cached[j + 1:]]])
-                                                       for i in range(len(own))]
+                features = task.embed(model, batch)
+                if cached is not None:  # this micro-batch's features, with gradients, among the others' cached ones
+                    features = [torch.cat([*(c[i] for c in cached[:j]), own, *(c[i] for c in cached[j + 1:])])
+                                for i, own in enumerate(features)]  # (k * b, D) each
                 loss = task.loss(model, features, group, shared=last)
             yield loss
 

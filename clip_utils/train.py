@@ -21,13 +21,16 @@ from .scale.shards import read_index, stream_loader
 def make_optimizer(model: CLIPModel, cfg: Config) -> torch.optim.AdamW:
     """AdamW with three named groups: image encoder, text encoder, heads (with the temperature).
 
+    Weight decay (cfg.weight_decay) reaches the heads' matrices only: not their biases and LayerNorm
+    gains (1-D) nor the temperature, open_clip's rule (the heads are two groups of one name, one lr).
     Only parameters that train (requires_grad) join: a frozen tower's group stays empty.
     """
-    heads = [*model.image_projection.parameters(), *model.text_projection.parameters(), model.logit_scale]
+    heads = [*model.image_projection.parameters(), *model.text_projection.parameters()]
     groups = [
         dict(name="image_encoder", params=list(model.image_encoder.parameters()), lr=cfg.image_encoder_lr),
         dict(name="text_encoder", params=list(model.text_encoder.parameters()), lr=cfg.text_encoder_lr),
-        dict(name="heads", params=heads, lr=cfg.head_lr, weight_decay=cfg.weight_decay),
+        dict(name="heads", params=[p for p in heads if p.ndim > 1], lr=cfg.head_lr, weight_decay=cfg.weight_decay),
+        dict(name="heads", params=[p for p in heads if p.ndim <= 1] + [model.logit_scale], lr=cfg.head_lr),
     ]
     for group in groups:
         group["params"] = [p for p in group["params"] if p.requires_grad]
@@ -128,6 +131,9 @@ class _ClipTask(_Contrastive):
         if not self.streaming:
             with accelerator.local_main_process_first():  # one process per machine fills cfg.image_cache
                 self.train_loader = make_loader(train_df, tokenizer, cfg, train=True, **self.norm)
+        # Validation batches are drawn as training batches are (shuffled, once: the same every epoch); in table
+        # order a batch would hold all captions of a few images, an easier task with a floor of ln(captions per image)
+        val_df = val_df.sample(frac=1, random_state=cfg.seed).reset_index(drop=True)
         self.val_loader = _process_shares(make_loader(val_df, tokenizer, cfg, train=False, **self.norm),
                                           accelerator, False, cfg.seed)
 
