@@ -1,10 +1,11 @@
 """clip_utils: a Hindi CLIP, from data to zero-shot, in small rooms read in teaching order.
 
 The lesson: config -> text -> synthetic (quick-mode scenes) -> datasets (Flickr8k, XM3600) ->
-data (tables, loader, decode-once cache) -> model -> losses -> train -> evaluate -> plots -> checkpoints ->
-distill (from an English CLIP; LiT).
+data (tables, loader, decode-once cache) -> model -> losses -> loop (the one training loop) -> train (fit) ->
+evaluate -> plots -> checkpoints -> distill (from an English CLIP; LiT).
 The engine, apart in scale/: shards (streaming), coco35l (COCO-35L), index (search at scale),
-translate (English->Hindi captions), downloads (files, archives, Hub files).
+translate (English->Hindi captions), downloads (files, archives, Hub files), launch (the command line's
+arguments, process group and data).
 The notebooks import everything from here (`import clip_utils as cu`); nothing is copied into them.
 
 Two modes share every function; only the `Config` differs:
