@@ -102,7 +102,7 @@ def train_step(model, batch: dict, optimizer, cfg: Config, accelerator=None) -> 
         model: a CLIPModel in train mode (or the model accelerator.prepare returned).
         batch: from make_loader, already on the model's device.
         optimizer: from make_optimizer (prepared by the same accelerator, if any).
-        cfg: loss choice, temperature clamp and precision.
+        cfg: loss choice, temperature clamp and precision (fp16 steps here without loss scaling; fit scales).
         accelerator: DDP and the collectives (None: this process's own, from cfg).
     """
     accelerator = accelerator or _accelerator(cfg)

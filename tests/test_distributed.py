@@ -273,6 +273,34 @@ def test_a_hanging_rank_fails_in_seconds():
     assert time.time() - start < COLLECTIVE_TIMEOUT_S + 60
 
 
+def _command_line_process(rank, world, port):
+    """A process as the command line runs one: its process group from launched(cfg); rank 1 hangs in training."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    from clip_utils.scale.launch import launched
+
+    cfg = cu.Config.quick(device="cpu", collective_timeout_minutes=COLLECTIVE_TIMEOUT_S / 60)
+    with launched(cfg):
+        if rank == 1:
+            time.sleep(3600)
+        torch.distributed.barrier()  # a training collective: waits collective_timeout_minutes, not the data's 60
+
+
+def test_a_hanging_rank_fails_the_command_line_within_the_configured_timeout():
+    start = time.time()
+    context = mp.start_processes(_command_line_process, args=(WORLD, _free_port()), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    try:
+        with pytest.raises(Exception, match="(?i)timed? ?out|timeout"):
+            while not context.join(timeout=1):
+                assert time.time() - start < LAUNCH_DEADLINE_S, "still waiting: the timeout did not apply"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    assert time.time() - start < COLLECTIVE_TIMEOUT_S + 60
+
+
 def test_the_readme_notebook_command_trains_on_two_processes(synthetic, tmp_path):
     """README's 2-GPU notebook line, on 2 CPU processes: notebook_launcher forks the command line's main."""
     import subprocess
