@@ -277,3 +277,14 @@ def test_best_validation_loss_matches_the_loss_in_randomly_shuffled_batches(tmp_
 def test_select_best_is_checked_by_name():
     with pytest.raises(ValueError, match="select_best='val_r1'"):
         cu.Config.quick(select_best="val_r1")
+
+
+def test_one_process_fits_in_fp32_then_bf16_then_fp32_again(synthetic, tiny_cfg, tmp_path):
+    """A notebook may change cfg.precision between fits: each run takes its own (Accelerate's is per process)."""
+    _, train, val, _ = synthetic
+    losses = []
+    for precision in ("fp32", "bf16", "fp32"):
+        cfg = dataclasses.replace(tiny_cfg, precision=precision, out_dir=str(tmp_path / precision))
+        model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+        losses.append(cu.fit(model, tokenizer, train.head(40), val.head(10), cfg)["train_loss"].iloc[0])
+    assert losses[0] == losses[2] != losses[1]  # bf16 rounds differently; fp32 repeats itself exactly
