@@ -2,10 +2,11 @@
 
 The lesson: config -> files (fingerprints, atomic writes) -> text -> tables (splits and their source) ->
 synthetic (quick-mode scenes) -> datasets (Flickr8k, XM3600) -> pixels (arrays to RGB) ->
-data (images, loader, decode-once cache) -> model -> losses -> train -> evaluate -> plots -> checkpoints ->
-distill (from an English CLIP; LiT).
+data (images, loader, decode-once cache) -> model -> losses -> loop (the one training loop) -> train (fit) ->
+evaluate -> plots -> checkpoints -> distill (from an English CLIP; LiT).
 The engine, apart in scale/: shards (streaming), coco35l (COCO-35L), index (search at scale),
-translate (English->Hindi captions), downloads (files, archives, Hub files).
+translate (English->Hindi captions), downloads (files, archives, Hub files), launch (the command line's
+arguments, process group and data).
 The notebooks import everything from here (`import clip_utils as cu`); nothing is copied into them.
 
 Two modes share every function; only the `Config` differs:
@@ -63,6 +64,7 @@ from .evaluate import (
     top_k_scores,
     zero_shot_classify,
 )
+from .loop import train_loop
 from .losses import clip_loss, soft_target_loss
 from .model import CLIPModel, ImageEncoder, ProjectionHead, TextEncoder, build_model, build_text_tower
 from .plots import plot_history, show_retrieval, show_zero_shot, use_devanagari_font
@@ -97,7 +99,7 @@ __all__ = [
     "write_shards", "read_index", "stream_loader",
     "ImageEncoder", "TextEncoder", "ProjectionHead", "CLIPModel", "build_model", "build_text_tower",
     "clip_loss", "soft_target_loss",
-    "make_optimizer", "train_step", "similar_batches", "fit",
+    "make_optimizer", "train_step", "similar_batches", "fit", "train_loop",
     "encode_images", "encode_texts", "recall_at_k", "retrieval_metrics", "choose_on_validation", "embed_gallery",
     "top_k_scores", "search_images", "zero_shot_classify", "HINDI_TEMPLATES",
     "EXACT_UP_TO", "index_kind", "build_index", "search_index", "index_recall", "save_index", "load_index",

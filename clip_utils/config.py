@@ -35,7 +35,8 @@ class Config:
     image_model: str = "resnet50"  # a timm name, or a transformers CLIP name/folder (has a "/"): its vision tower
     image_pretrained: bool = True  # load timm's ImageNet weights
     image_model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
-    image_pool: str = "avg"  # timm global pool; "flatten" keeps the small final grid, i.e. *where* things are
+    image_pool: str = "avg"  # timm global pool; "flatten" keeps the small final grid, i.e. *where* things are;
+    # "model": the model's own head as timm builds it (LiT's CLIP towers: attention pool, class token)
     text_model: str = "l3cube-pune/hindi-bert-v2"  # Hugging Face name or local folder
     text_pretrained: bool = True  # False: random-init BERT from text_config + WordPiece trained on captions
     text_config: dict = field(default_factory=dict)  # BertConfig arguments when text_pretrained is False
@@ -51,16 +52,26 @@ class Config:
     freeze: str = "none"  # "image" locks the image tower (LiT: e.g. resnet50_clip.openai), "text", or "none"
     # -- optimisation --
     batch_size: int = 32  # pairs per step, over all processes; also the number of in-batch negatives + 1
-    gradient_accumulation_steps: int = 1  # update every k batches; each batch keeps its own negatives
+    # k > 1: one update scores k * batch_size rows against each other (open_clip's --accum-freq): a first pass
+    # embeds all k batches without gradients, then each is embedded again with them. Memory of one batch
+    # (plus k batches' embeddings), negatives of k, about 1.3x the compute of a plain step (forward twice)
+    gradient_accumulation_steps: int = 1
     hard_negatives: int = 0  # >1: build batches from groups of this many look-alike images (see similar_batches)
     epochs: int = 10  # passes over every caption of the training table
     head_lr: float = 1e-3  # projection heads and temperature
     image_encoder_lr: float = 1e-4  # image tower
     text_encoder_lr: float = 1e-5  # text tower (pretrained BERTs forget quickly)
-    weight_decay: float = 1e-3  # AdamW weight decay on the heads
+    # AdamW weight decay on the heads' matrices. The one change to the published recipe (which decays every head
+    # parameter): no decay on biases, LayerNorm gains and the temperature, as open_clip, because decay pulls
+    # them toward 0, i.e. a LayerNorm toward silence and the temperature toward 1, which no data asks for
+    weight_decay: float = 1e-3
     patience: int = 1  # ReduceLROnPlateau: epochs without val improvement before a cut
     factor: float = 0.8  # ReduceLROnPlateau: multiply the learning rates by this
-    max_minutes: float | None = None  # stop training after this many minutes (None: no limit)
+    max_minutes: float | None = None  # stop training after this many minutes (None: no limit); an epoch it cuts
+    # short is not recorded, and fit(resume=True) repeats it
+    select_best: str = "val_loss"  # what best/ keeps: lowest "val_loss", or highest "val_t2i_r1" (validation R@1)
+    collective_timeout_minutes: float = 10.0  # several processes: a rank that waits this long for the others
+    # during training fails the launch (the command line's data-preparation wait is apart: 60 minutes)
     precision: str = "auto"  # "auto": bf16 where the GPU/CPU has it, else fp16 + scaler (GPU) or fp32 (CPU)
     seed: int = 42  # one seed for data order, augmentation and init
     device: str = "auto"  # "auto" picks CUDA when available, else CPU
@@ -142,13 +153,14 @@ class Config:
 _CHOICES = {
     "mode": ("quick", "full"),
     "on_bad_input": ("skip", "raise"),
-    "image_pool": ("avg", "max", "avgmax", "catavgmax", "token", "map", "flatten"),  # timm's pools + our flatten
+    "image_pool": ("avg", "max", "avgmax", "catavgmax", "token", "map", "flatten", "model"),  # timm's + ours
     "pooling": ("cls", "mean", "pooler"),
     "loss": ("clip", "soft_target"),
     "freeze": ("none", "image", "text"),
     "precision": ("auto", "bf16", "fp32"),
     "heads": ("mlp", "linear"),
     "image_geometry": ("square", "crop"),
+    "select_best": ("val_loss", "val_t2i_r1"),
 }
 # Fields that were renamed: the old name gets an error that names the new one.
 _RENAMED = {"eval_resize": "image_geometry (one geometry for training and evaluation: 'square' or 'crop')"}
@@ -193,6 +205,7 @@ _RANGES = [
     ("patience", lambda v: _integer(v) and v >= 0, "an integer >= 0 (epochs)"),
     ("factor", lambda v: _number(v) and 0 < v < 1, "a number with 0 < factor < 1"),
     ("max_minutes", lambda v: v is None or (_number(v) and v > 0), "None (no limit) or a number > 0"),
+    ("collective_timeout_minutes", lambda v: _number(v) and v > 0, "a number of minutes > 0"),
     ("seed", lambda v: _integer(v) and 0 <= v < 2**32, "an integer with 0 <= seed < 2**32 (numpy's range)"),
 ]
 

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import time
 import warnings
-from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import _load_weights, save_checkpoint
-from .config import Config, _device, _seed_everything
+from .config import Config, _seed_everything
 from .evaluate import encode_texts
+from .loop import precision_context, train_loop
 from .model import CLIPModel, ImageEncoder, TextEncoder, _is_transformers_clip, build_text_tower
 from .text import normalize_caption
-from .train import _mixed_precision
+from .train import _accelerator, make_optimizer
 
 # The fields that shape the image side and the shared space: a student takes them from its teacher.
 _IMAGE_SIDE = ("image_model", "image_pretrained", "image_model_kwargs", "image_pool", "image_size",
@@ -99,19 +96,14 @@ def _distill_loss(student_embeds, teacher_embeds):
     return (F.normalize(student_embeds, dim=-1) - teacher_embeds).pow(2).sum(-1).mean()
 
 
+def _tokens(tokenizer, captions, cfg: Config, device) -> dict:
+    return tokenizer(captions, padding="longest", truncation=True, max_length=cfg.max_length,
+                     return_tensors="pt").to(device)
+
+
 def _encode_batch(model, tokenizer, captions, cfg, device):
-    tokens = tokenizer(captions, padding="longest", truncation=True, max_length=cfg.max_length,
-                       return_tensors="pt").to(device)
+    tokens = _tokens(tokenizer, captions, cfg, device)
     return model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float()  # (B, D)
-
-
-def _autocast(device: torch.device, cfg: Config):
-    """(autocast context, grad scaler or None) for this plain loop, with the precision fit picks for cfg."""
-    precision = _mixed_precision(cfg)  # "bf16", "fp16" (GPUs without native bf16) or "no"
-    if precision == "no":
-        return torch.autocast(device.type, enabled=False), None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
 
 @torch.no_grad()
@@ -125,90 +117,94 @@ def _mean_distill_loss(model, tokenizer, captions, targets, cfg, device, autocas
     return total / max(len(captions), 1)
 
 
+class _DistillTask:
+    """Distillation's side of train_loop: batches of Hindi captions with their teacher targets; the loss to them."""
+
+    def __init__(self, tokenizer, captions: dict, targets: dict, cfg: Config, accelerator):
+        self.tokenizer, self.captions, self.targets = tokenizer, captions, targets
+        self.cfg, self.accelerator = cfg, accelerator
+
+    def batches(self, epoch: int) -> list:
+        """Shuffled global batches of batch_size rows (each process takes its share), in groups of k."""
+        cfg, accelerator = self.cfg, self.accelerator
+        torch.manual_seed(cfg.seed + epoch)  # shuffling (the same on every process) and dropout, as fit reseeds them
+        n, world, k = len(self.captions["train"]), accelerator.num_processes, cfg.gradient_accumulation_steps
+        order = torch.randperm(n).tolist()
+        if accelerator.process_index:
+            torch.manual_seed(cfg.seed + epoch + 7919 * accelerator.process_index)  # its own dropout
+        size = min(cfg.batch_size, n) // world * world
+        batches = []
+        for start in range(0, n - size + 1, size):
+            with accelerator.split_between_processes(order[start:start + size]) as rows:
+                batches.append(dict(**_tokens(self.tokenizer, [self.captions["train"][i] for i in rows], cfg,
+                                              accelerator.device),
+                                    targets=self.targets["train"][rows].to(accelerator.device)))
+        return [batches[i:i + k] for i in range(0, len(batches) // k * k, k)]
+
+    def embed(self, model, batch: dict) -> tuple:
+        return (model(dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))[1],)  # (b, D)
+
+    def loss(self, model, features, group: list, shared: bool = True):
+        return _distill_loss(features[0].float(), torch.cat([batch["targets"] for batch in group]))
+
+    def rows(self, group: list) -> int:
+        return sum(len(batch["targets"]) for batch in group)
+
+    def after_step(self, model) -> None:
+        pass
+
+    def report(self, model) -> dict:
+        return {}
+
+    def evaluate(self, model) -> dict:
+        """The validation loss over every pair, computed alike on every process; its mean cosine."""
+        device = self.accelerator.device
+        val_loss = _mean_distill_loss(self.accelerator.unwrap_model(model), self.tokenizer, self.captions["val"],
+                                      self.targets["val"], self.cfg, device, precision_context(self.cfg, device))
+        return dict(val_loss=val_loss, val_cosine=1 - val_loss / 2)
+
+
 def distill_text_tower(model: CLIPModel, tokenizer, teacher: CLIPModel, teacher_tokenizer,
-                       train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+                       train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, cfg: Config,
+                       resume: bool = False) -> pd.DataFrame:
     """Teach the model's text tower to put each Hindi caption where the teacher puts its English source.
 
     Reads no image: the loss is the squared distance between the student's and the teacher's unit-length
     caption embeddings (2 - 2 cos). The teacher encodes every English caption once, before the first
-    epoch, and is never updated; only model.text_encoder and model.text_projection train (AdamW with
-    cfg.text_encoder_lr and cfg.head_lr, ReduceLROnPlateau on the validation loss, as fit does). One
-    history row per epoch (train and val loss, val cosine, learning rates, seconds); the epoch with the
-    lowest val loss is saved to cfg.out_dir/"best" and loaded back at the end, with history.csv beside it.
+    epoch, and is never updated; only model.text_encoder and model.text_projection train. The loop is
+    fit's (train_loop): AdamW with cfg.text_encoder_lr and cfg.head_lr, ReduceLROnPlateau on the
+    validation loss, mixed precision, several processes, best/ (lowest val loss, loaded back at the
+    end), last/ (resume=True goes on from it) and history.csv in cfg.out_dir. One history row per epoch
+    (train and val loss, learning rates, val cosine, seconds).
 
     Args:
         model, tokenizer: the Hindi CLIP from student_clip.
         teacher, teacher_tokenizer: the English CLIP whose text embeddings are the targets.
         train_pairs, val_pairs: tables with `english` and `caption` (Hindi) columns, one pair a row.
         cfg: the student's Config (epochs, batch_size, learning rates, max_minutes, seed, out_dir).
+        resume: continue from cfg.out_dir/"last" if it exists.
     """
-    from tqdm.auto import tqdm
-
+    accelerator = _accelerator(cfg)
     _seed_everything(cfg.seed)
-    device = _device(cfg)
     train_pairs, val_pairs = _clean_pairs(train_pairs, "train_pairs", cfg), _clean_pairs(val_pairs, "val_pairs", cfg)
-    teacher.to(device)
+    teacher.to(accelerator.device)
     # The teacher reads at most its own context (CLIP: 77 tokens), whatever the student's max_length.
     context = getattr(teacher.text_encoder.model.config, "max_position_embeddings", cfg.max_length)
     teacher_cfg = dataclasses.replace(cfg, max_length=min(cfg.max_length, context))
     targets = {split: encode_texts(teacher, teacher_tokenizer, list(pairs["english"]), teacher_cfg)  # (N, D), unit
                for split, pairs in (("train", train_pairs), ("val", val_pairs))}
     captions = {"train": list(train_pairs["caption"]), "val": list(val_pairs["caption"])}
-    model.to(device)
-    groups = [dict(name="text_encoder", params=list(model.text_encoder.parameters()), lr=cfg.text_encoder_lr),
-              dict(name="heads", params=list(model.text_projection.parameters()), lr=cfg.head_lr,
-                   weight_decay=cfg.weight_decay)]  # the image side is the teacher's: it never trains here
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.factor,
-                                                           patience=cfg.patience)
-    autocast, scaler = _autocast(device, cfg)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    history, best, start = [], math.inf, time.time()
-    n, batch_size = len(captions["train"]), min(cfg.batch_size, len(captions["train"]))
-    for epoch in range(1, cfg.epochs + 1):
-        epoch_start = time.time()
-        torch.manual_seed(cfg.seed + epoch)  # shuffling and dropout, as fit reseeds them
-        order = torch.randperm(n).tolist()
-        model.train()
-        running, seen = 0.0, 0
-        bar = tqdm(range(0, n - batch_size + 1, batch_size), desc=f"distil {epoch}/{cfg.epochs}", leave=False)
-        for step in bar:
-            rows = order[step:step + batch_size]
-            with autocast:
-                embeds = _encode_batch(model, tokenizer, [captions["train"][i] for i in rows], cfg, device)
-                loss = _distill_loss(embeds, targets["train"][rows].to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"distillation loss is {loss.item()} at epoch {epoch}, row {step}")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            running, seen = running + loss.item() * len(rows), seen + len(rows)
-            bar.set_postfix(loss=f"{running / seen:.4f}")
-            if cfg.max_minutes and time.time() - start > cfg.max_minutes * 60:
-                break
-        val_loss = _mean_distill_loss(model, tokenizer, captions["val"], targets["val"], cfg, device, autocast)
-        scheduler.step(val_loss)
-        history.append(dict(epoch=epoch, train_loss=running / max(seen, 1), val_loss=val_loss,
-                            val_cosine=1 - val_loss / 2, **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
-                            seconds=time.time() - epoch_start))
-        print(f"distil epoch {epoch}: train {history[-1]['train_loss']:.4f}  val {val_loss:.4f}  (val cosine "
-              f"{1 - val_loss / 2:.3f}, {history[-1]['seconds']:.0f}s)" + ("  best" if val_loss < best else ""))
-        if val_loss < best:
-            best = val_loss
-            save_checkpoint(out_dir / "best", model, tokenizer, cfg)
-        pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
-        if cfg.max_minutes and time.time() - start > cfg.max_minutes * 60:
-            print(f"stopping: the {cfg.max_minutes}-minute budget (cfg.max_minutes) is spent")
-            break
-    if math.isfinite(best):
-        _load_weights(model, out_dir / "best" / "model.safetensors")
-    return pd.DataFrame(history)
+    model.to(accelerator.device)
+    image_side = [*model.image_encoder.parameters(), *model.image_projection.parameters(), model.logit_scale]
+    trains = [p.requires_grad for p in image_side]
+    for p in image_side:  # the image side is the teacher's: it never trains here (and DDP sees only what does)
+        p.requires_grad_(False)
+    try:
+        task = _DistillTask(tokenizer, captions, targets, cfg, accelerator)
+        return train_loop(task, model, make_optimizer(model, cfg), cfg, accelerator, resume=resume)
+    finally:
+        for p, flag in zip(image_side, trains):
+            p.requires_grad_(flag)
 
 
 def lit_config(cfg: Config, image_model: str = "resnet50_clip.openai") -> Config:
@@ -226,5 +222,7 @@ def lit_config(cfg: Config, image_model: str = "resnet50_clip.openai") -> Config
         import timm
 
         size = timm.get_pretrained_cfg(image_model).input_size[-1]
+    # image_pool="model": the tower keeps the head its weights were trained with (an attention pool for
+    # resnet50_clip.openai, the class token and its `norm` for a CLIP ViT), so every pretrained key loads
     return dataclasses.replace(cfg, image_model=image_model, image_pretrained=True, image_model_kwargs={},
-                               image_pool="avg", image_size=size, freeze="image")
+                               image_pool="model", image_size=size, freeze="image")

@@ -107,3 +107,10 @@ def soft_target_loss(image_embeds, text_embeds, temperature: float = 1.0, gather
     texts_loss = F.cross_entropy(logits, targets)
     images_loss = F.cross_entropy(logits.T, targets.T)
     return (images_loss + texts_loss) / 2
+
+
+def contrastive_loss(image_embeds, text_embeds, logit_scale, image_ids, kind: str = "clip"):
+    """cfg.loss by name: "clip" (clip_loss: captions of one image all positives) or "soft_target" (the published)."""
+    if kind == "soft_target":
+        return soft_target_loss(image_embeds, text_embeds)
+    return clip_loss(image_embeds, text_embeds, logit_scale, image_ids)

@@ -49,10 +49,12 @@ class ImageEncoder(nn.Module):
             return
         import timm
 
+        # "model": the head its owners built (a CLIP ResNet's attention pool, a CLIP ViT's class token and norm)
         pool = "" if cfg.image_pool == "flatten" else cfg.image_pool
+        pool = {} if pool == "model" else dict(global_pool=pool)
         try:
             self.model = timm.create_model(cfg.image_model, pretrained=cfg.image_pretrained, num_classes=0,
-                                           global_pool=pool, **cfg.image_model_kwargs)
+                                           **pool, **cfg.image_model_kwargs)
         except TypeError as error:  # "unexpected keyword argument 'chanels'" from deep inside timm
             raise ValueError(f"image_model_kwargs={cfg.image_model_kwargs!r} do not fit timm's {cfg.image_model!r} "
                              f"({error}): use only arguments its model class takes") from None
@@ -189,8 +191,9 @@ class CLIPModel(nn.Module):
         return self.text_projection(features)  # (B, D)
 
     def forward(self, batch: dict):
-        return (self.encode_image(batch["images"]),
-                self.encode_text(batch["input_ids"], batch["attention_mask"]))
+        """(image_embeds, text_embeds); a batch of captions alone (distillation) gives (None, text_embeds)."""
+        images = self.encode_image(batch["images"]) if "images" in batch else None
+        return images, self.encode_text(batch["input_ids"], batch["attention_mask"])
 
 
 def _check_image_size(model: CLIPModel, cfg: Config) -> None:

@@ -1,86 +1,58 @@
-"""Training: the optimiser's parameter groups, mixed precision, one step, hard-negative batches
-and the fit loop with checkpoints and resume."""
+"""Training a CLIP: the optimiser's parameter groups, fit's task for the shared loop (batches, the contrastive
+loss with accumulation that enlarges the negatives, validation) and fit itself."""
 from __future__ import annotations
 
-import contextlib
 import datetime
-import math
 import os
-import time
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
-from .checkpoints import _load_weights, restore_training_state, save_checkpoint, save_training_state
 from .config import Config, _device, _seed_everything
 from .data import clean_table, make_loader, similar_batches
-from .evaluate import encode_images
-from .losses import clip_loss, soft_target_loss
+from .evaluate import encode_images, recall_at_k
+from .loop import accumulated_losses, any_process, precision_context, train_loop
+from .losses import contrastive_loss, gather_rows
 from .model import CLIPModel
-from .scale.shards import read_index, stream_loader, write_shards
-
-
-def _batch_loss(model, batch: dict, cfg: Config):
-    image_embeds, text_embeds = model(batch)
-    if cfg.loss == "soft_target":
-        return soft_target_loss(image_embeds.float(), text_embeds.float())
-    logit_scale = getattr(model, "module", model).logit_scale  # DDP keeps the CLIPModel in .module
-    return clip_loss(image_embeds.float(), text_embeds.float(), logit_scale, batch["image_ids"])
+from .scale.shards import read_index, stream_loader
 
 
 def make_optimizer(model: CLIPModel, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with three named groups: image encoder, text encoder, heads (with the temperature)."""
-    heads = [*model.image_projection.parameters(), *model.text_projection.parameters(), model.logit_scale]
+    """AdamW with three named groups: image encoder, text encoder, heads (with the temperature).
+
+    Weight decay (cfg.weight_decay) reaches the heads' matrices only: not their biases and LayerNorm
+    gains (1-D) nor the temperature, open_clip's rule (the heads are two groups of one name, one lr).
+    Only parameters that train (requires_grad) join: a frozen tower's group stays empty.
+    """
+    heads = [*model.image_projection.parameters(), *model.text_projection.parameters()]
     groups = [
         dict(name="image_encoder", params=list(model.image_encoder.parameters()), lr=cfg.image_encoder_lr),
         dict(name="text_encoder", params=list(model.text_encoder.parameters()), lr=cfg.text_encoder_lr),
-        dict(name="heads", params=heads, lr=cfg.head_lr, weight_decay=cfg.weight_decay),
+        dict(name="heads", params=[p for p in heads if p.ndim > 1], lr=cfg.head_lr, weight_decay=cfg.weight_decay),
+        dict(name="heads", params=[p for p in heads if p.ndim <= 1] + [model.logit_scale], lr=cfg.head_lr),
     ]
+    for group in groups:
+        group["params"] = [p for p in group["params"] if p.requires_grad]
     # fused: one kernel for all parameters; on a CPU it steps a BERT-base 7x faster than the default
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, weight_decay=0.0, fused=fused)
 
 
-def _cpu_has_bf16() -> bool:
-    """True on CPUs with native bfloat16 math (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    cpu = torch.cpu
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def _mixed_precision(cfg: Config) -> str:
-    """cfg.precision as Accelerate names it: bf16 where the hardware has it, else fp16 (+ grad scaler) on GPUs,
-    fp32 ("no") on CPUs."""
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"cfg.precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
-    cuda = _device(cfg).type == "cuda"
-    if cfg.precision != "auto":
-        return "no" if cfg.precision == "fp32" else "bf16"
-    if not cuda:
-        return "bf16" if _cpu_has_bf16() else "no"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"  # a T4 only emulates bf16
-
-
 def _accelerator(cfg: Config):
-    """The Accelerator for this run: one process or those that `accelerate launch` / notebook_launcher started.
+    """The run's one Accelerator: one process, or those that `accelerate launch` / notebook_launcher started.
 
-    It places the model and batches on this process's device, wraps the model in DDP when there
-    are several processes, runs the forward pass in mixed precision and accumulates gradients.
+    It places the model and batches on this process's device, wraps the model in DDP when there are
+    several processes and runs their collectives, which fail after cfg.collective_timeout_minutes
+    (a hanging rank) when this call starts the process group.
     """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"cfg.device must be 'auto', 'cpu' or 'cuda', got {cfg.device!r}; to pick GPUs, set "
-                         f"CUDA_VISIBLE_DEVICES (each process of a launch takes its own GPU)")
-    precision = _mixed_precision(cfg)
-    shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != precision and shared.get("num_processes", 1) == 1:
-        AcceleratorState._reset_state()  # one process (a notebook fitting fp32, then bf16): nothing else to undo
     cpu = _device(cfg).type == "cpu"  # several CPU processes then talk over gloo
-    return Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=cfg.collective_timeout_minutes))
+    # mixed_precision="no": the precision is the run's own (loop.precision_context), not the process's
+    return Accelerator(cpu=cpu, mixed_precision="no", kwargs_handlers=[timeout])
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -89,8 +61,38 @@ def _to(batch: dict, device: torch.device) -> dict:
     return batch
 
 
+class _Contrastive:
+    """The CLIP side of the loop's seam: forward pass, loss over a group's rows, temperature clamp and report."""
+
+    tokenizer = None
+
+    def __init__(self, cfg: Config, accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+
+    def embed(self, model, batch: dict) -> tuple:
+        return model(batch)  # (b, D) image and text embeddings
+
+    def loss(self, model, features, group: list, shared: bool = True):
+        """The loss of every row of the group; shared=False: the temperature takes no gradient from it."""
+        image_embeds, text_embeds = features  # (k * b, D) each
+        logit_scale = self.accelerator.unwrap_model(model).logit_scale
+        image_ids = torch.cat([batch["image_ids"] for batch in group])
+        return contrastive_loss(image_embeds.float(), text_embeds.float(),
+                                logit_scale if shared else logit_scale.detach(), image_ids, self.cfg.loss)
+
+    def rows(self, group: list) -> int:
+        return sum(len(batch["input_ids"]) for batch in group)
+
+    def after_step(self, model) -> None:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, self.cfg.max_logit_scale)
+
+    def report(self, model) -> dict:
+        return dict(temperature=1 / model.logit_scale.exp().item())
+
+
 def train_step(model, batch: dict, optimizer, cfg: Config, accelerator=None) -> float:
-    """One optimisation step: forward, loss, backward, update; returns the loss of the whole batch.
+    """One optimisation step on one batch: forward, loss, backward, update; returns the loss of the whole batch.
 
     A non-finite loss raises FloatingPointError before the update, so the weights stay good.
     With several processes, each holds a share of the batch, the loss scores it against every
@@ -100,58 +102,152 @@ def train_step(model, batch: dict, optimizer, cfg: Config, accelerator=None) -> 
         model: a CLIPModel in train mode (or the model accelerator.prepare returned).
         batch: from make_loader, already on the model's device.
         optimizer: from make_optimizer (prepared by the same accelerator, if any).
-        cfg: loss choice and temperature clamp.
-        accelerator: mixed precision, fp16 grad scaling, DDP and gradient accumulation (None: plain fp32 step).
+        cfg: loss choice, temperature clamp and precision (fp16 steps here without loss scaling; fit scales).
+        accelerator: DDP and the collectives (None: this process's own, from cfg).
     """
-    accumulate = accelerator.accumulate(model) if accelerator else contextlib.nullcontext()
-    with accumulate:  # with gradient_accumulation_steps > 1, only every k-th call updates the weights
-        with accelerator.autocast() if accelerator else contextlib.nullcontext():  # the loss too, in bf16/fp16
-            loss = _batch_loss(model, batch, cfg)  # this process's rows against the whole batch
-        whole = accelerator.reduce(loss.detach(), "mean") if accelerator else loss.detach()  # the batch's loss
-        if not torch.isfinite(whole):  # decided on the batch's loss, so every process stops at the same step
-            raise FloatingPointError(f"loss is {whole.item()}")
-        if accelerator:
-            accelerator.backward(loss)  # scales fp16 losses; DDP averages the gradients over processes
-        else:
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        getattr(model, "module", model).logit_scale.clamp_(0, cfg.max_logit_scale)  # DDP keeps the model in .module
+    accelerator = accelerator or _accelerator(cfg)
+    objective = _Contrastive(cfg, accelerator)
+    for loss in accumulated_losses(objective, model, [batch], cfg, accelerator):
+        accelerator.backward(loss)
+    whole = accelerator.reduce(loss.detach(), "mean")  # the batch's loss, the same on every process
+    if not torch.isfinite(whole):
+        raise FloatingPointError(f"loss is {whole.item()}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    objective.after_step(accelerator.unwrap_model(model))
     return whole.item()
 
 
+class _ClipTask(_Contrastive):
+    """fit's task for train_loop: each epoch's batches (a table or shards, random or look-alike), validation."""
+
+    def __init__(self, model, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config, accelerator):
+        super().__init__(cfg, accelerator)
+        self.model, self.tokenizer, self.train_df = model, tokenizer, train_df
+        self.streaming = isinstance(train_df, (str, os.PathLike))
+        self.norm = model.image_encoder.crop  # the tower's own crop; it normalises the loaders' uint8 pixels itself
+        if not self.streaming:
+            with accelerator.local_main_process_first():  # one process per machine fills cfg.image_cache
+                self.train_loader = make_loader(train_df, tokenizer, cfg, train=True, **self.norm)
+        # Validation batches are drawn as training batches are (shuffled, once: the same every epoch); in table
+        # order a batch would hold all captions of a few images, an easier task with a floor of ln(captions per image)
+        val_df = val_df.sample(frac=1, random_state=cfg.seed).reset_index(drop=True)
+        self.val_loader = _process_shares(make_loader(val_df, tokenizer, cfg, train=False, **self.norm),
+                                          accelerator, False, cfg.seed)
+
+    def batches(self, epoch: int):
+        """This epoch's updates, each a list of cfg.gradient_accumulation_steps batches on this process's device."""
+        loader = self._epoch_loader(epoch)
+        k = self.cfg.gradient_accumulation_steps
+        usable = len(loader) // k * k  # whole groups of k batches: an update never spans two epochs
+        if usable == 0:
+            raise ValueError(f"an epoch has {len(loader)} batches, fewer than gradient_accumulation_steps={k}: "
+                             "lower it or batch_size")
+        from tqdm.auto import tqdm
+
+        quiet = {} if self.accelerator.is_local_main_process else dict(disable=True)  # one progress bar per machine
+        bar = tqdm(loader, desc=f"epoch {epoch}/{self.cfg.epochs}", total=usable, leave=False, **quiet)
+        return _groups(bar, usable, k, self.accelerator)
+
+    def _epoch_loader(self, epoch: int):
+        """Seeded from cfg.seed and the epoch (so a resumed run repeats an uninterrupted one); look-alike batches
+        mined with the last epoch's weights when cfg.hard_negatives > 1."""
+        cfg, accelerator = self.cfg, self.accelerator
+        if cfg.hard_negatives > 1 and epoch > 1:
+            self.train_loader = _look_alike_loader(self.model, self.train_loader, self.train_df, self.tokenizer,
+                                                   cfg, accelerator, epoch, self.norm)
+        own_seed = cfg.seed + epoch + 7919 * accelerator.process_index  # process 0 seeds as a single process does
+        torch.manual_seed(own_seed)  # dropout
+        if self.streaming:
+            return stream_loader(self.train_df, self.tokenizer, cfg, accelerator.process_index,
+                                 accelerator.num_processes, epoch, **self.norm)
+        self.train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling (random batches) and worker seeds
+        self.train_loader.dataset.transform.set_random_seed(own_seed)  # augmentation
+        return _process_shares(self.train_loader, accelerator, True, own_seed)
+
+    def evaluate(self, model) -> dict:
+        return _validate(model, self.val_loader, self.cfg, self.accelerator)
+
+
+def _groups(loader, usable: int, k: int, accelerator):
+    """Lists of k batches moved to the device; a batch whose images were all unreadable is skipped everywhere."""
+    group = []
+    for step, batch in enumerate(loader):
+        if step == usable:
+            break
+        if any_process(accelerator, not batch):
+            continue
+        group.append(_to(batch, accelerator.device))
+        if len(group) == k:
+            yield group
+            group = []
+
+
+def _look_alike_loader(model, loader, train_df, tokenizer, cfg: Config, accelerator, epoch: int, norm: dict):
+    """A loader whose batches group images the current weights find alike (similar_batches)."""
+    pairs = loader.dataset
+    image_embeds = encode_images(model, list(pairs.images), cfg)  # (I, D), indexed by pairs.image_ids
+    if accelerator.num_processes > 1:  # every process must cut the same batches: take the main process's embeddings
+        from accelerate.utils import broadcast
+
+        image_embeds = broadcast(image_embeds.to(accelerator.device)).cpu()
+    batches = similar_batches(image_embeds, pairs.image_ids, cfg.batch_size, cfg.hard_negatives, cfg.seed + epoch)
+    return make_loader(train_df, tokenizer, cfg, train=True, batches=batches, **norm)
+
+
 @torch.no_grad()
-def _mean_loss(model, loader, cfg, accelerator) -> float:
-    """Mean loss per caption over a loader; with several processes, summed over all of them (the same everywhere)."""
+def _validate(model, loader, cfg: Config, accelerator) -> dict:
+    """Mean validation loss per caption and text-to-image R@1 over the validation images, from one pass.
+
+    With several processes, summed and gathered over all of them (the same numbers everywhere).
+    """
     model.eval()
-    total, count = 0.0, 0
+    total, count, images, texts, ids = 0.0, 0, [], [], []
     for batch in loader:
-        if batch:
-            with accelerator.autocast():
-                total += _batch_loss(model, _to(batch, accelerator.device), cfg).item() * len(batch["input_ids"])
-            count += len(batch["input_ids"])
+        if not batch:
+            continue
+        batch = _to(batch, accelerator.device)
+        with precision_context(cfg, accelerator.device):
+            image_embeds, text_embeds = model(batch)
+            loss = contrastive_loss(image_embeds.float(), text_embeds.float(),
+                                    accelerator.unwrap_model(model).logit_scale, batch["image_ids"], cfg.loss)
+        total += loss.item() * len(batch["input_ids"])
+        count += len(batch["input_ids"])
+        for kept, rows in ((images, image_embeds), (texts, text_embeds), (ids, batch["image_ids"])):
+            kept.append(gather_rows(rows.float(), with_grad=False)[0].cpu())  # (B, ...) all processes' rows
     if accelerator.num_processes > 1:  # every process then steps its scheduler on the same number
         sums = torch.tensor([total, count], dtype=torch.float64, device=accelerator.device)
         total, count = accelerator.reduce(sums, "sum").tolist()
-    return total / max(count, 1)
+    return dict(val_loss=total / max(count, 1), val_t2i_r1=_text_to_image_r1(images, texts, ids))
 
 
-def _share(loader, rank: int, world: int, train: bool, seed: int):
+def _text_to_image_r1(images: list, texts: list, ids: list) -> float:
+    """R@1 of each caption against every distinct validation image (each image embedded once per caption row)."""
+    ids = torch.cat(ids)  # (M,)
+    distinct, caption_to_image = torch.unique(ids, return_inverse=True)  # (N,), (M,)
+    first = torch.zeros(len(distinct), dtype=torch.long).scatter_reduce(
+        0, caption_to_image, torch.arange(len(ids)), "amin", include_self=False)  # a row of each image
+    image_embeds = torch.nn.functional.normalize(torch.cat(images)[first], dim=-1)  # (N, D)
+    text_embeds = torch.nn.functional.normalize(torch.cat(texts), dim=-1)  # (M, D)
+    return recall_at_k(text_embeds @ image_embeds.T, caption_to_image, ks=(1,))["t2i_R@1"]
+
+
+def _process_shares(loader, accelerator, train: bool, seed: int):
     """A loader over this process's contiguous share of each of `loader`'s global batches (itself with one process).
 
-    In rank order the shares make up the batch, so the gathered batch is the one a single process
-    would see and `batch_size` keeps its meaning. Every process gets the same number of batches:
-    training batches are cut to a multiple of `world` rows (at most world - 1 rows dropped, and only
-    from a table smaller than one batch: full batches divide evenly); a last validation batch
-    shorter than `world` rows joins the one before it.
+    Accelerate's split_between_processes cuts each batch in rank order, so the gathered batch is the one
+    a single process would see and `batch_size` keeps its meaning. Every process gets the same number of
+    batches: training batches are cut to a multiple of the process count (at most world - 1 rows dropped,
+    and only from a table smaller than one batch: full batches divide evenly); a last validation batch
+    shorter than the process count joins the one before it.
 
     Args:
         loader: from make_loader; its global batches are drawn here, from its seeded generator.
-        rank, world: this process's index and the number of processes.
+        accelerator: the run's; its process index and count.
         train: cut to equal shares (DDP's averaging then gives the whole batch's gradient).
         seed: worker seeds of this process, so processes augment with different random streams.
     """
+    world = accelerator.num_processes
     if world == 1:
         return loader
     batches = [list(b) for b in loader.batch_sampler]  # the same on every process: the generator is seeded alike
@@ -159,59 +255,69 @@ def _share(loader, rank: int, world: int, train: bool, seed: int):
         batches = [b[:len(b) - len(b) % world] for b in batches]
     elif len(batches) > 1 and len(batches[-1]) < world:
         batches[-2:] = [batches[-2] + batches[-1]]
-    shares = [np.array_split(b, world)[rank].tolist() for b in batches if len(b) >= world]
+    shares = []
+    for batch in (b for b in batches if len(b) >= world):
+        with accelerator.split_between_processes(batch) as share:
+            shares.append(share)
     return torch.utils.data.DataLoader(
         loader.dataset, batch_sampler=shares, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
         worker_init_fn=loader.worker_init_fn, collate_fn=loader.collate_fn,
         generator=torch.Generator().manual_seed(seed))
 
 
-def _any_process(accelerator, flag: bool) -> bool:
-    """True on every process as soon as it is true on one (a time budget must stop all of them at one step)."""
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max"))
-
-
 def fit(model: CLIPModel, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config,
         resume: bool = False) -> pd.DataFrame:
     """Train with AdamW + ReduceLROnPlateau on val loss; keep the best checkpoint; return the history.
 
-    One history row per epoch: train and val loss, each group's learning rate, the temperature,
-    seconds (and peak GPU memory on CUDA). cfg.out_dir receives "best" (lowest val loss, loaded
-    back into `model` at the end), "last" (weights plus optimizer, scheduler and scaler state,
-    for resuming) and history.csv. Each epoch reseeds shuffling, augmentation and dropout from
+    This is train_loop plus validation (loss and text-to-image R@1), the plateau schedule, best/ and
+    last/ checkpoints, resume, mixed precision and several GPUs. One history row per epoch: train and
+    val loss, each group's learning rate, the temperature, val R@1, seconds (and peak GPU memory on
+    CUDA). cfg.out_dir receives "best" (cfg.select_best, loaded back into `model` at the end), "last"
+    (for resuming) and history.csv. Each epoch reseeds shuffling, augmentation and dropout from
     cfg.seed and the epoch number, so a resumed run repeats an uninterrupted one. With
     cfg.hard_negatives > 1, every epoch after the first takes its batches from similar_batches.
 
     The same code runs on one CPU or GPU and under `accelerate launch` or notebook_launcher on
     several GPUs or machines (see main). With N processes, cfg.batch_size is the global batch:
     each process takes batch_size / N rows of every batch, and the loss scores them against the
-    embeddings of all processes. Batch-norm statistics stay per process, as in plain DDP. Only the
-    main process writes to cfg.out_dir; with several machines it must be a shared folder.
-
-    train_df may also be a folder of webdataset shards (write_shards), streamed by stream_loader:
-    data larger than memory, each row at most once per epoch. With cfg.gradient_accumulation_steps = k, each
-    epoch uses a multiple of k batches (the rest is dropped), so no update mixes two epochs.
+    embeddings of all processes. With cfg.gradient_accumulation_steps = k, one update scores
+    k * batch_size rows against each other (accumulated_losses); each epoch uses a multiple of k
+    batches. Batch-norm statistics stay per process, as in plain DDP. Only the main process writes
+    to cfg.out_dir; with several machines it must be a shared folder.
 
     Args:
         model, tokenizer: from build_model (the same seed on every process).
-        train_df, val_df: caption tables (checked with clean_table here); train_df or a shard folder.
+        train_df, val_df: caption tables (checked with clean_table here); train_df may also be a folder
+            of webdataset shards (write_shards), streamed by stream_loader.
         cfg: the run's Config.
         resume: continue from cfg.out_dir/"last" if it exists (a Colab session died mid-run).
     """
-    from tqdm.auto import tqdm
-
     accelerator = _accelerator(cfg)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    _check_batch_size(cfg, accelerator.num_processes)
+    _seed_everything(cfg.seed)
+    model.to(accelerator.device)
+    model.image_encoder.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and on CPUs
+    train_df, val_df = _clean_tables(train_df, val_df, cfg, accelerator.num_processes)
+    task = _ClipTask(model, tokenizer, train_df, val_df, cfg, accelerator)
+    optimizer = make_optimizer(model, cfg)
+    learns_temperature = model.logit_scale.requires_grad
+    if cfg.loss == "soft_target":  # its targets come from the embeddings: no temperature (DDP wants every
+        model.logit_scale.requires_grad_(False)  # parameter it trains to get a gradient); restored at the end
+    try:
+        return train_loop(task, model, optimizer, cfg, accelerator, resume=resume)
+    finally:
+        model.logit_scale.requires_grad_(learns_temperature)
+
+
+def _check_batch_size(cfg: Config, world: int) -> None:
     if cfg.batch_size % world:
         nearest = max(world, cfg.batch_size // world * world)
         raise ValueError(f"cfg.batch_size={cfg.batch_size} is the global batch, shared by {world} processes: "
                          f"make it a multiple of {world}, e.g. batch_size={nearest}")
-    _seed_everything(cfg.seed)
-    device = accelerator.device
-    model.to(device)
-    model.image_encoder.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and on CPUs
+
+
+def _clean_tables(train_df, val_df, cfg: Config, world: int):
+    """The tables checked (clean_table, then _check_training_tables); a shard folder is checked by its index."""
     streaming = isinstance(train_df, (str, os.PathLike))
     if streaming and cfg.hard_negatives > 1:
         raise ValueError("cfg.hard_negatives needs a table it can regroup every epoch; a shard folder streams in "
@@ -222,107 +328,7 @@ def fit(model: CLIPModel, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config
     _check_training_tables(train_df, val_df, cfg)
     if len(val_df) < world:
         raise ValueError(f"val_df has {len(val_df)} rows, fewer than the {world} processes: give it more rows")
-    norm = model.image_encoder.crop  # the tower's own crop; it normalises the loaders' uint8 pixels itself
-    if not streaming:
-        with accelerator.local_main_process_first():  # one process per machine fills cfg.image_cache
-            train_loader = make_loader(train_df, tokenizer, cfg, train=True, **norm)
-    val_loader = _share(make_loader(val_df, tokenizer, cfg, train=False, **norm), rank, world, False, cfg.seed)
-    optimizer = make_optimizer(model, cfg)
-    # Not given to accelerator.prepare, which would step it once per process: every process steps
-    # it itself, on the same all-reduced validation loss, so the learning rates never drift apart.
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.factor,
-                                                           patience=cfg.patience)
-    out_dir = Path(cfg.out_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    history, best, first_epoch = [], math.inf, 1
-    if resume and (out_dir / "last" / "training_state.pt").exists():  # every process reads the same state
-        history, best = restore_training_state(out_dir / "last", model, optimizer, scheduler, accelerator.scaler)
-        first_epoch = len(history) + 1
-        accelerator.print(f"resuming after epoch {len(history)} from {out_dir / 'last'}")
-    learns_temperature = model.logit_scale.requires_grad
-    if cfg.loss == "soft_target":  # its targets come from the embeddings: no temperature (DDP wants every
-        model.logit_scale.requires_grad_(False)  # parameter it trains to get a gradient); restored at the end
-    trained, optimizer = accelerator.prepare(model, optimizer)  # DDP-wrapped with several processes
-    quiet = {} if accelerator.is_local_main_process else dict(disable=True)  # one progress bar per machine
-    start = time.time()
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        epoch_start = time.time()
-        if cfg.hard_negatives > 1 and epoch > 1:  # mine look-alikes with the weights the last epoch left
-            pairs = train_loader.dataset
-            image_embeds = encode_images(model, list(pairs.images), cfg)  # (I, D), indexed by pairs.image_ids
-            if world > 1:  # every process must cut the same batches: take the main process's embeddings
-                from accelerate.utils import broadcast
-
-                image_embeds = broadcast(image_embeds.to(device)).cpu()
-            batches = similar_batches(image_embeds, pairs.image_ids, cfg.batch_size, cfg.hard_negatives,
-                                      cfg.seed + epoch)
-            train_loader = make_loader(train_df, tokenizer, cfg, train=True, batches=batches, **norm)
-        own_seed = cfg.seed + epoch + 7919 * rank  # process 0 seeds as a single process does
-        torch.manual_seed(own_seed)  # dropout
-        if streaming:
-            epoch_loader = stream_loader(train_df, tokenizer, cfg, rank, world, epoch, **norm)
-        else:
-            train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling (random batches) and worker seeds
-            train_loader.dataset.transform.set_random_seed(own_seed)  # augmentation
-            epoch_loader = _share(train_loader, rank, world, True, own_seed)
-        k = cfg.gradient_accumulation_steps
-        usable = len(epoch_loader) // k * k  # whole groups of k batches: an update never spans two epochs
-        if usable == 0:
-            raise ValueError(f"an epoch has {len(epoch_loader)} batches, fewer than gradient_accumulation_steps={k}: "
-                             "lower it or batch_size")
-        accelerator.step = 0  # Accelerate's count of batches towards the next update (a resumed run starts at 0 too)
-        optimizer.zero_grad(set_to_none=True)  # nothing left over from an epoch cut short
-        trained.train()
-        running, seen = 0.0, 0
-        bar = tqdm(epoch_loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, **quiet)
-        for step, batch in enumerate(bar):
-            if step == usable:
-                break
-            if _any_process(accelerator, not batch):  # all images of a batch unreadable: every process skips it
-                continue
-            batch = _to(batch, device)
-            try:
-                loss = train_step(trained, batch, optimizer, cfg, accelerator)
-            except FloatingPointError as error:
-                kept = (f"the last good weights are in {out_dir / 'best'} and {out_dir / 'last'}" if history
-                        else "no checkpoint was written yet")
-                raise FloatingPointError(f"{error} at epoch {epoch}, batch {step}; training stopped, {kept}") from None
-            except torch.OutOfMemoryError as error:
-                raise torch.OutOfMemoryError(f"out of memory at epoch {epoch}, batch {step} with batch_size="
-                                             f"{cfg.batch_size}: try Config(batch_size={max(2, cfg.batch_size // 2)}) "
-                                             f"or a smaller image_size. ({error})") from None
-            n = len(batch["input_ids"]) * world
-            running, seen = running + loss * n, seen + n
-            bar.set_postfix(loss=f"{running / seen:.3f}")
-            if cfg.max_minutes and _any_process(accelerator, time.time() - start > cfg.max_minutes * 60):
-                break
-        val_loss = _mean_loss(trained, val_loader, cfg, accelerator)
-        scheduler.step(val_loss)
-        row = dict(epoch=epoch, train_loss=running / max(seen, 1), val_loss=val_loss,
-                   **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
-                   temperature=1 / model.logit_scale.exp().item(), seconds=time.time() - epoch_start)
-        if device.type == "cuda":
-            row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        history.append(row)
-        accelerator.print(f"epoch {epoch}: train {row['train_loss']:.4f}  val {val_loss:.4f}  "
-                          f"({row['seconds']:.0f}s)" + ("  best" if val_loss < best else ""))
-        if accelerator.is_main_process:  # the others hold the same weights
-            if val_loss < best:
-                save_checkpoint(out_dir / "best", model, tokenizer, cfg)
-            save_training_state(out_dir / "last", model, tokenizer, cfg, optimizer, scheduler, accelerator.scaler,
-                           history, min(best, val_loss))
-            pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
-        best = min(best, val_loss)
-        accelerator.wait_for_everyone()  # nobody reads or resumes a half-written checkpoint
-        if cfg.max_minutes and _any_process(accelerator, time.time() - start > cfg.max_minutes * 60):
-            accelerator.print(f"stopping: the {cfg.max_minutes}-minute budget (cfg.max_minutes) is spent")
-            break
-    accelerator.unwrap_model(trained, keep_fp32_wrapper=False)  # gives `model` back its own forward
-    model.logit_scale.requires_grad_(learns_temperature)
-    if math.isfinite(best):
-        _load_weights(model, out_dir / "best" / "model.safetensors")
-    return pd.DataFrame(history)
+    return train_df, val_df
 
 
 def _check_training_tables(train_df, val_df: pd.DataFrame, cfg: Config) -> None:
@@ -341,62 +347,21 @@ def _check_training_tables(train_df, val_df: pd.DataFrame, cfg: Config) -> None:
 
 def main(argv=None) -> None:
     """Command line for fit: `python -m clip_utils.train --mode quick`, the same under `accelerate launch`."""
-    import argparse
-
-    from .datasets import prepare_data
     from .evaluate import retrieval_metrics
     from .model import build_model
+    from .scale.launch import launched, parse_command_line, prepared_tables
 
-    parser = argparse.ArgumentParser(prog="python -m clip_utils.train", description=main.__doc__)
-    parser.add_argument("--mode", choices=["quick", "full"], default=None, help="default: CLIP_HINDI_MODE, else "
-                        "full on a GPU and quick on a CPU")
-    parser.add_argument("--data-dir", default=None, help="where prepare_data writes (default data/<mode>)")
-    parser.add_argument("--captions", default=None, help="full mode: the Hindi caption file for Flickr8k")
-    parser.add_argument("--data", choices=["flickr8k", "coco35l"], default="flickr8k", help="full mode's photos: "
-                        "Flickr8k, or COCO-35L (113k COCO photos, machine-translated captions; 20 GB download)")
-    parser.add_argument("--language", default="hi", help="COCO-35L's caption language")
-    parser.add_argument("--shards", default=None, help="write the training table as webdataset shards in this "
-                        "folder once, then stream them")
-    parser.add_argument("--train-csv", default=None, help="your own table (columns image, caption) instead")
-    parser.add_argument("--val-csv", default=None, help="its validation table (needed with --train-csv)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/last")
-    parser.add_argument("--prepare-only", action="store_true", help="download and prepare the data (and shards) "
-                        "in this one process, then stop: run it before a launch whose first run downloads a lot")
-    for name, kind in [("out_dir", str), ("image_dir", str), ("epochs", int), ("batch_size", int),
-                       ("gradient_accumulation_steps", int), ("precision", str), ("max_minutes", float),
-                       ("seed", int), ("num_workers", int), ("image_cache", str), ("device", str)]:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=f"Config.{name}")
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__ and v is not None}
-    cfg = Config.from_env(**overrides) if args.mode is None else getattr(Config, args.mode)(**overrides)
-    if args.data == "coco35l" and cfg.mode != "full":
-        parser.error("--data coco35l is full mode's: add --mode full (quick mode draws synthetic scenes)")
-    from accelerate import PartialState
-
-    # The other processes wait at a barrier while the main one prepares the data: a Flickr8k download and
-    # translation take minutes, longer than NCCL's default 10-minute timeout (COCO-35L: use --prepare-only first).
-    state = PartialState(cpu=_device(cfg).type == "cpu",
-                         timeout=datetime.timedelta(minutes=60))
-    with state.main_process_first():  # the main process downloads or draws the data; the others find it cached
-        if args.train_csv:
-            train_df, val_df, test_df = pd.read_csv(args.train_csv), pd.read_csv(args.val_csv), None
-        elif args.data == "coco35l" and cfg.mode == "full":
-            from .scale.coco35l import prepare_coco35l
-
-            train_df, val_df, test_df = prepare_coco35l(args.data_dir or "data/coco35l", args.language)
-        else:
-            train_df, val_df, test_df = prepare_data(cfg, args.data_dir or f"data/{cfg.mode}", args.captions)
-        if args.shards and state.is_main_process:  # kept as they are if written from this table before
-            write_shards(train_df, args.shards, cfg, max_side=cfg.image_size * 8 // 7)  # 256 px at 224
-    if args.prepare_only:
-        shards = f", shards in {args.shards}" if args.shards else ""
-        state.print(f"data ready: {len(train_df)} training captions{shards}")
-        return
-    state.print(f"{cfg.mode} mode, {state.num_processes} process(es) on {state.device}, global batch {cfg.batch_size}")
-    model, tokenizer = build_model(cfg, captions=train_df["caption"])
-    fit(model, tokenizer, args.shards or train_df, val_df, cfg, resume=args.resume)
-    if state.is_main_process and test_df is not None:
-        print({k: round(v, 4) for k, v in retrieval_metrics(model, tokenizer, test_df, cfg).items()})
+    args, cfg = parse_command_line(argv, main.__doc__)
+    with launched(cfg) as state:  # the process group, ended cleanly however the run ends
+        train_df, val_df, test_df = prepared_tables(args, cfg, state)
+        if args.prepare_only:
+            return
+        state.print(f"{cfg.mode} mode, {state.num_processes} process(es) on {state.device}, "
+                    f"global batch {cfg.batch_size}")
+        model, tokenizer = build_model(cfg, captions=train_df["caption"])
+        fit(model, tokenizer, args.shards or train_df, val_df, cfg, resume=args.resume)
+        if state.is_main_process and test_df is not None:
+            print({k: round(v, 4) for k, v in retrieval_metrics(model, tokenizer, test_df, cfg).items()})
 
 
 if __name__ == "__main__":

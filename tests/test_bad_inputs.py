@@ -129,17 +129,16 @@ def test_nan_in_epoch_two_keeps_epoch_one_and_names_the_batch(synthetic, tiny_cf
     cfg = dataclasses.replace(tiny_cfg, epochs=2, out_dir=str(tmp_path))
     model, tokenizer = cu.build_model(cfg, captions=train["caption"])
     steps_per_epoch = len(cu.clean_table(train, cfg)) // cfg.batch_size
-    real_loss, training_calls = cu.train._batch_loss, []
+    real_loss, training_calls = cu.train._Contrastive.loss, []
 
-    def loss_turns_nan(model, batch, cfg):
-        loss = real_loss(model, batch, cfg)
-        if model.training:
-            training_calls.append(1)
-            if len(training_calls) == steps_per_epoch + 3:  # epoch 2, batch 2
-                return loss * float("inf")
+    def loss_turns_nan(self, model, *args, **kwargs):  # the training loss (validation computes its own)
+        loss = real_loss(self, model, *args, **kwargs)
+        training_calls.append(1)
+        if len(training_calls) == steps_per_epoch + 3:  # epoch 2, batch 2
+            return loss * float("inf")
         return loss
 
-    monkeypatch.setattr(cu.train, "_batch_loss", loss_turns_nan)
+    monkeypatch.setattr(cu.train._Contrastive, "loss", loss_turns_nan)
     with pytest.raises(FloatingPointError, match=r"loss is (inf|nan) at epoch 2, batch 2; training stopped"):
         cu.fit(model, tokenizer, train, val, cfg)
     assert len(pd.read_csv(tmp_path / "history.csv")) == 1  # epoch 1 is kept ...
@@ -155,7 +154,7 @@ def test_out_of_memory_suggests_a_smaller_batch(synthetic, tiny_cfg, tmp_path, m
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(cu.train, "train_step", no_memory)
+    monkeypatch.setattr(cu.train._ClipTask, "embed", no_memory)  # the forward pass of a training step
     with pytest.raises(torch.OutOfMemoryError, match=r"batch_size=8: try Config\(batch_size=4\)"):
         cu.fit(model, tokenizer, train, val, cfg)
 

@@ -2,6 +2,7 @@
 the CLIP tower keeps its weights, and the full-mode path runs on a tiny CLIP saved under the real name."""
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
 from rehearsal import hub_repo  # tests/ is on sys.path
@@ -133,3 +134,57 @@ def test_full_mode_path_through_a_tiny_clip_saved_under_the_real_name(synthetic,
     tower = _state(lit_model.image_encoder)
     cu.fit(lit_model, lit_tokenizer, train.head(16), val.head(8), lit)
     assert _same(tower, _state(lit_model.image_encoder))
+
+
+def test_distillation_resumes_to_the_uninterrupted_run(synthetic, tiny_cfg, tmp_path, monkeypatch):
+    """Distillation runs in fit's loop: killed in its third validation, resume=True ends where a whole run ends."""
+    _, train, val, _ = synthetic
+    teacher, teacher_tokenizer = cu.build_model(tiny_cfg, captions=train["english"])
+    runs = {}
+    for name in ("whole", "killed"):
+        student, tokenizer, cfg = cu.student_clip(teacher, tiny_cfg, _student_cfg(
+            tiny_cfg, tmp_path, out_dir=str(tmp_path / name)), captions=train["caption"])
+        runs[name] = (student, tokenizer, cfg)
+    whole = cu.distill_text_tower(*runs["whole"][:2], teacher, teacher_tokenizer, train, val, runs["whole"][2])
+    real_evaluate, calls = cu.distill._DistillTask.evaluate, []
+
+    def dies_in_third_validation(self, model):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("session killed")
+        return real_evaluate(self, model)
+
+    monkeypatch.setattr(cu.distill._DistillTask, "evaluate", dies_in_third_validation)
+    student, tokenizer, cfg = runs["killed"]
+    with pytest.raises(KeyboardInterrupt):
+        cu.distill_text_tower(student, tokenizer, teacher, teacher_tokenizer, train, val, cfg)
+    monkeypatch.undo()
+    student, tokenizer, cfg = cu.student_clip(teacher, tiny_cfg, _student_cfg(
+        tiny_cfg, tmp_path, out_dir=str(tmp_path / "killed")), captions=train["caption"])  # a fresh session
+    resumed = cu.distill_text_tower(student, tokenizer, teacher, teacher_tokenizer, train, val, cfg, resume=True)
+    columns = ["epoch", "train_loss", "val_loss", "val_cosine", "lr_text_encoder", "lr_heads"]
+    pd.testing.assert_frame_equal(resumed[columns], whole[columns], rtol=1e-5)
+    assert (tmp_path / "killed" / "last" / "training_state.pt").exists()
+    assert all(p.requires_grad for p in student.image_encoder.parameters())  # the image side's flags come back
+
+
+@pytest.mark.parametrize("name, size", [("resnet50_clip.openai", 64), ("vit_base_patch16_clip_224.openai", 224)])
+def test_lit_towers_are_built_as_their_owners_built_them(tiny_cfg, name, size):
+    """The default LiT tower (attention-pool head) and a CLIP ViT (class token, `norm`, no fc_norm): every key of
+    timm's pretrained layout but the classifier it drops loads into the tower (random weights, no download)."""
+    import timm
+
+    cfg = cu.lit_config(tiny_cfg) if name == "resnet50_clip.openai" else cu.lit_config(tiny_cfg, name)
+    assert cfg.image_model == name and cfg.image_size == 224 and cfg.image_pool == "model"
+    cfg = dataclasses.replace(cfg, image_pretrained=False, image_size=size)  # the CLIP ResNet's pool takes any size
+    encoder = cu.ImageEncoder(cfg)
+    reference = timm.create_model(name, pretrained=False)  # the layout timm's pretrained weights load into
+    classifier = timm.get_pretrained_cfg(name).classifier  # dropped by num_classes=0, as timm drops it
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith(classifier + ".")}
+    encoder.model.load_state_dict(state, strict=True)  # raises on any missing or unexpected key
+    if "vit" in name:
+        assert encoder.model.global_pool == "token" and isinstance(encoder.model.fc_norm, torch.nn.Identity)
+    else:
+        assert type(encoder.model.head).__name__ == "AttentionPool2d"
+    with torch.no_grad():
+        assert encoder.eval()(torch.zeros(1, 3, size, size)).shape == (1, encoder.out_dim)

@@ -102,7 +102,7 @@ def _two_steps(rank, world):
     trained, optimizer = accelerator.prepare(model, optimizer)
     share = lambda b: {k: v.tensor_split(world)[rank] for k, v in b.items()}  # contiguous, in rank order
     losses = [cu.train_step(trained, share(batch), optimizer, cfg, accelerator) for _ in range(2)]
-    val_losses = [cu.train._mean_loss(trained, [share(val)], cfg, accelerator) for _ in range(2)]
+    val_losses = [cu.train._validate(trained, [share(val)], cfg, accelerator)["val_loss"] for _ in range(2)]
     for val_loss in (val_losses[0], val_losses[0] + 1):  # the second call is worse: the plateau cuts the rates
         scheduler.step(val_loss)
     return dict(losses=losses, grads=grads, val_loss=val_losses[0], lrs=[g["lr"] for g in optimizer.param_groups],
@@ -174,21 +174,21 @@ def _resume_worker(rank, world, train, val, cfg, out):
     whole_params = {k: v.clone() for k, v in model.state_dict().items()}
 
     killed = dataclasses.replace(cfg, out_dir=cfg.out_dir + "-killed")
-    real_mean_loss, calls = cu.train._mean_loss, []
+    real_validate, calls = cu.train._validate, []
 
     def dies_in_second_validation(*args):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt("session killed")
-        return real_mean_loss(*args)
+        return real_validate(*args)
 
-    cu.train._mean_loss = dies_in_second_validation
+    cu.train._validate = dies_in_second_validation
     model, tokenizer = cu.build_model(killed, captions=train["caption"])
     try:
         cu.fit(model, tokenizer, train, val, killed)
     except KeyboardInterrupt:
         pass
-    cu.train._mean_loss = real_mean_loss
+    cu.train._validate = real_validate
     model, tokenizer = cu.build_model(killed, captions=train["caption"])
     resumed = cu.fit(model, tokenizer, train, val, killed, resume=True)
     torch.save(dict(whole=whole.to_dict("list"), resumed=resumed.to_dict("list"), whole_params=whole_params,
@@ -216,13 +216,13 @@ def test_two_processes_resume_to_the_uninterrupted_run(synthetic, tiny_cfg, tmp_
 def _stream_worker(rank, world, folder, train, val, cfg, out):
     """fit from a shard folder whose shards split unevenly over the ranks; count each rank's steps."""
     steps = []
-    real_step = cu.train.train_step
+    real_embed = cu.train._ClipTask.embed
 
-    def counted(*args, **kwargs):
+    def counted(*args, **kwargs):  # the training forward pass: once per step (k = 1)
         steps.append(1)
-        return real_step(*args, **kwargs)
+        return real_embed(*args, **kwargs)
 
-    cu.train.train_step = counted
+    cu.train._ClipTask.embed = counted
     model, tokenizer = cu.build_model(cfg, captions=train["caption"])
     history = cu.fit(model, tokenizer, folder, val, cfg)
     torch.save(dict(steps=len(steps), history=history.to_dict("list"), params=model.state_dict()),
@@ -270,6 +270,34 @@ def test_a_hanging_rank_fails_in_seconds():
     start = time.time()
     with pytest.raises(Exception, match="(?i)timed? ?out|timeout"):
         _launch(_hanging_worker)
+    assert time.time() - start < COLLECTIVE_TIMEOUT_S + 60
+
+
+def _command_line_process(rank, world, port):
+    """A process as the command line runs one: its process group from launched(cfg); rank 1 hangs in training."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    from clip_utils.scale.launch import launched
+
+    cfg = cu.Config.quick(device="cpu", collective_timeout_minutes=COLLECTIVE_TIMEOUT_S / 60)
+    with launched(cfg):
+        if rank == 1:
+            time.sleep(3600)
+        torch.distributed.barrier()  # a training collective: waits collective_timeout_minutes, not the data's 60
+
+
+def test_a_hanging_rank_fails_the_command_line_within_the_configured_timeout():
+    start = time.time()
+    context = mp.start_processes(_command_line_process, args=(WORLD, _free_port()), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    try:
+        with pytest.raises(Exception, match="(?i)timed? ?out|timeout"):
+            while not context.join(timeout=1):
+                assert time.time() - start < LAUNCH_DEADLINE_S, "still waiting: the timeout did not apply"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
     assert time.time() - start < COLLECTIVE_TIMEOUT_S + 60
 
 

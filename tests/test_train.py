@@ -20,6 +20,7 @@ def test_same_seed_same_history(synthetic, tiny_cfg, tmp_path):
     assert list(saved.columns[:6]) == ["epoch", "train_loss", "val_loss", "lr_image_encoder",
                                        "lr_text_encoder", "lr_heads"]
     assert len(saved) == 2 and (tmp_path / "a" / "best" / "model.safetensors").exists()
+    assert saved["val_t2i_r1"].between(0, 1).all()  # validation R@1, from the validation pass itself
 
 
 def test_non_finite_loss_stops_with_a_clear_message(synthetic, tiny_cfg, tmp_path):
@@ -63,18 +64,18 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(synthetic, tiny_cfg, 
 
     cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "killed"))
     model, tokenizer = cu.build_model(cfg, captions=train["caption"])
-    real_mean_loss, calls = cu.train._mean_loss, []
+    real_validate, calls = cu.train._validate, []
 
     def dies_in_third_validation(*args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt("session killed")
-        return real_mean_loss(*args)
+        return real_validate(*args)
 
-    monkeypatch.setattr(cu.train, "_mean_loss", dies_in_third_validation)
+    monkeypatch.setattr(cu.train, "_validate", dies_in_third_validation)
     with pytest.raises(KeyboardInterrupt):
         cu.fit(model, tokenizer, train, val, cfg)
-    monkeypatch.setattr(cu.train, "_mean_loss", real_mean_loss)
+    monkeypatch.setattr(cu.train, "_validate", real_validate)
     assert len(pd.read_csv(tmp_path / "killed" / "history.csv")) == 2
 
     model, tokenizer = cu.build_model(cfg, captions=train["caption"])  # a fresh session
@@ -124,7 +125,7 @@ def test_fit_trains_on_mined_batches_from_the_second_epoch(synthetic, tiny_cfg, 
     _, train, val, _ = synthetic
     train = train.sample(frac=1, random_state=0).reset_index(drop=True)  # first-seen order is not path order
     image_ids = pd.factorize(train["image"])[0]
-    calls, stepped, real_step = [], [], cu.train_step
+    calls, stepped, real_embed = [], [], cu.train._ClipTask.embed
 
     def fake_similar_batches(image_embeds, ids, batch_size, group, seed):
         rows = [0, 5, len(train) - 1]
@@ -133,12 +134,12 @@ def test_fit_trains_on_mined_batches_from_the_second_epoch(synthetic, tiny_cfg, 
                           ids=list(ids), batch_size=batch_size, group=group))
         return [[5, 0, 3, 7], [1, 2]]
 
-    def recording_step(model, batch, *args, **kwargs):
+    def recording_embed(self, model, batch):  # the training forward pass, once per batch (k = 1)
         stepped.append(batch["image_ids"].tolist())
-        return real_step(model, batch, *args, **kwargs)
+        return real_embed(self, model, batch)
 
     monkeypatch.setattr(cu.train, "similar_batches", fake_similar_batches)
-    monkeypatch.setattr(cu.train, "train_step", recording_step)
+    monkeypatch.setattr(cu.train._ClipTask, "embed", recording_embed)
     for group in (0, 4):
         cfg = dataclasses.replace(tiny_cfg, epochs=2, hard_negatives=group, out_dir=str(tmp_path / str(group)))
         model, tokenizer = cu.build_model(cfg, captions=train["caption"])
@@ -162,3 +163,128 @@ def test_accumulation_updates_every_k_batches_and_leaves_no_gradient_behind(synt
     assert all(p.grad is None for p in model.parameters())
     state = torch.load(tmp_path / "last" / "training_state.pt", weights_only=True)["optimizer"]["state"]
     assert {int(s["step"]) for s in state.values()} == {2 * (batches // 3)}
+
+
+# -- accumulation that enlarges the negatives ----------------------------------------------------
+
+def _tiny_model_and_batch(rows=12):
+    """A tiny CLIP in fp32 with dropout off and batch norm in eval mode, and one batch with repeated images."""
+    from transformers import BertConfig, BertModel
+
+    cfg = cu.Config.quick(image_size=32, batch_size=rows, dropout=0.0, device="cpu", precision="fp32",
+                          image_model_kwargs=dict(channels=(8, 16, 16, 32), stem_width=8, zero_init_last=False))
+    cu.config._seed_everything(0)
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=16))
+    model = cu.CLIPModel(cfg, cu.ImageEncoder(cfg), cu.TextEncoder(cfg, bert)).eval()  # BN statistics fixed
+    g = torch.Generator().manual_seed(1)
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 0, 6, 7, 2, 8, 9][:rows])  # images 0 and 2 captioned in two micro-batches
+    images = torch.randn(10, 3, 32, 32, generator=g)[ids]
+    mask = torch.ones(rows, 6, dtype=torch.long)
+    mask[::3, 4:] = 0
+    batch = dict(images=images, input_ids=torch.randint(1, 50, (rows, 6), generator=g), attention_mask=mask,
+                 image_ids=ids)
+    return model, cfg, batch
+
+
+def _loss_and_grads(model, losses):
+    """Backpropagate every loss; (the losses' values, the summed gradients)."""
+    model.zero_grad(set_to_none=True)
+    values = []
+    for loss in losses:
+        loss.backward()
+        values.append(loss.item())
+    return values, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(one, accumulated):
+    (whole,), grads = one
+    values, accumulated_grads = accumulated
+    assert values == pytest.approx([whole] * len(values), abs=1e-5), "loss"
+    assert grads.keys() == accumulated_grads.keys() and "logit_scale" in grads
+    for name in grads:
+        torch.testing.assert_close(accumulated_grads[name], grads[name], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
+def test_accumulation_scores_every_row_against_all_micro_batches():
+    """k = 3 micro-batches of 4 rows: the same loss and gradients as one batch of the 12 rows (open_clip's method);
+    plain accumulation (each micro-batch against its own negatives) fails the same check."""
+    model, cfg, batch = _tiny_model_and_batch()
+    accelerator = cu.train._accelerator(cfg)
+    task = cu.train._Contrastive(cfg, accelerator)
+    one = _loss_and_grads(model, cu.loop.accumulated_losses(task, model, [batch], cfg, accelerator))
+    micro = [{k: v[i:i + 4] for k, v in batch.items()} for i in (0, 4, 8)]
+    _assert_same(one, _loss_and_grads(model, cu.loop.accumulated_losses(task, model, micro, cfg, accelerator)))
+
+    def plain(m):  # the negative control: each micro-batch scored against its own 4 rows, averaged
+        return task.loss(model, task.embed(model, m), [m]) / len(micro)
+    with pytest.raises(AssertionError, match="loss|grad"):
+        _assert_same(one, _loss_and_grads(model, [sum(plain(m) for m in micro)]))
+
+
+# -- a time-budget stop in the middle of an epoch ------------------------------------------------
+
+def test_a_budget_stop_mid_epoch_records_nothing_of_it_and_resume_repeats_it(synthetic, tiny_cfg, tmp_path,
+                                                                          monkeypatch):
+    """The budget runs out at batch 10 of epoch 2 of 3: history.csv keeps epoch 1 only; resume gives the whole run."""
+    _, train, val, _ = synthetic
+    cfg = dataclasses.replace(tiny_cfg, epochs=3, out_dir=str(tmp_path / "whole"))
+    model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+    whole = cu.fit(model, tokenizer, train, val, cfg)
+
+    steps = len(cu.clean_table(train, cfg)) // cfg.batch_size
+    checks = []
+
+    def spent_at_batch_10_of_epoch_2(*args):  # the loop asks after every update and after every epoch
+        checks.append(1)
+        return len(checks) == steps + 1 + 10
+
+    cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "stopped"), max_minutes=60.0)
+    monkeypatch.setattr(cu.loop, "_budget_spent", spent_at_batch_10_of_epoch_2)
+    model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+    stopped = cu.fit(model, tokenizer, train, val, cfg)
+    assert len(checks) == steps + 1 + 10 and list(stopped["epoch"]) == [1]
+    assert list(pd.read_csv(tmp_path / "stopped" / "history.csv")["epoch"]) == [1]
+    monkeypatch.undo()
+
+    model, tokenizer = cu.build_model(cfg, captions=train["caption"])  # a fresh session
+    resumed = cu.fit(model, tokenizer, train, val, cfg, resume=True)
+    columns = ["epoch", "train_loss", "val_loss", "val_t2i_r1", "lr_image_encoder", "lr_text_encoder", "lr_heads",
+               "temperature"]
+    pd.testing.assert_frame_equal(resumed[columns], whole[columns], rtol=1e-5)
+
+
+# -- validation measures the training task --------------------------------------------------------
+
+def test_best_validation_loss_matches_the_loss_in_randomly_shuffled_batches(tmp_path):
+    """After a short quick-mode fit, history's best val loss is within 15 % of the best model's loss on the
+    validation table cut into randomly shuffled batches (as training batches are cut)."""
+    train, val, _ = cu.prepare_quick_data(tmp_path / "data", n_images=200)
+    cfg = cu.Config.quick(epochs=2, max_minutes=None, out_dir=str(tmp_path / "run"))
+    model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+    history = cu.fit(model, tokenizer, train, val, cfg)  # best/ (lowest val loss) is loaded back
+    accelerator = cu.train._accelerator(cfg)
+    shuffled = []
+    for seed in (1, 2, 3):
+        loader = cu.make_loader(val.sample(frac=1, random_state=seed), tokenizer, cfg, train=False,
+                                **model.image_encoder.crop)
+        shuffled.append(cu.train._validate(model, loader, cfg, accelerator)["val_loss"])
+    best, random_batches = history["val_loss"].min(), sum(shuffled) / len(shuffled)
+    assert abs(best - random_batches) <= 0.15 * random_batches, (best, shuffled)
+
+
+def test_select_best_is_checked_by_name():
+    with pytest.raises(ValueError, match="select_best='val_r1'"):
+        cu.Config.quick(select_best="val_r1")
+
+
+def test_one_process_fits_in_fp32_then_bf16_then_fp32_again(synthetic, tiny_cfg, tmp_path):
+    """A notebook may change cfg.precision between fits: each run takes its own (Accelerate's is per process)."""
+    _, train, val, _ = synthetic
+    losses = []
+    for precision in ("fp32", "bf16", "fp32"):
+        cfg = dataclasses.replace(tiny_cfg, precision=precision, out_dir=str(tmp_path / precision))
+        model, tokenizer = cu.build_model(cfg, captions=train["caption"])
+        losses.append(cu.fit(model, tokenizer, train.head(40), val.head(10), cfg)["train_loss"].iloc[0])
+    assert losses[0] == losses[2] != losses[1]  # bf16 rounds differently; fp32 repeats itself exactly
