@@ -288,3 +288,14 @@ def test_one_process_fits_in_fp32_then_bf16_then_fp32_again(synthetic, tiny_cfg,
         model, tokenizer = cu.build_model(cfg, captions=train["caption"])
         losses.append(cu.fit(model, tokenizer, train.head(40), val.head(10), cfg)["train_loss"].iloc[0])
     assert losses[0] == losses[2] != losses[1]  # bf16 rounds differently; fp32 repeats itself exactly
+
+
+def test_validation_batches_mix_images_as_training_batches_do(synthetic, tiny_model, tiny_cfg):
+    """Validation batches hold about as many distinct images as training batches (table order: ~3 per 8 rows)."""
+    _, train, val, _ = synthetic
+    model, tokenizer = tiny_model
+    task = cu.train._ClipTask(model, tokenizer, train, val, tiny_cfg, cu.train._accelerator(tiny_cfg))
+    distinct = [len(set(batch["image_ids"].tolist())) / len(batch["image_ids"]) for batch in task.val_loader]
+    in_order = [val["image"].iloc[i:i + 8].nunique() / len(val["image"].iloc[i:i + 8]) for i in range(0, len(val), 8)]
+    assert sum(in_order) / len(in_order) < 0.6  # the control: table order keeps an image's captions together
+    assert sum(distinct) / len(distinct) > 0.8, distinct
