@@ -6,7 +6,6 @@ import dataclasses
 import io
 import json
 import os
-import re
 import tarfile
 from pathlib import Path
 
@@ -15,17 +14,9 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from test_validation import _raises  # the first wave's helper: exactly this error, this message
 
 import clip_utils as cu
-
-
-def _raises(call, pattern, error=ValueError):
-    """Run call; assert it raises exactly `error` (not a subclass from deep inside) whose message matches."""
-    with pytest.raises(error) as caught:
-        call()
-    assert caught.type is error, f"{caught.type.__name__}: {caught.value}"
-    assert re.search(pattern, str(caught.value)), str(caught.value)
-    return str(caught.value)
 
 
 @pytest.fixture
