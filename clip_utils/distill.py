@@ -133,6 +133,10 @@ class _DistillTask:
         if accelerator.process_index:
             torch.manual_seed(cfg.seed + epoch + 7919 * accelerator.process_index)  # its own dropout
         size = min(cfg.batch_size, n) // world * world
+        if size == 0 or n // size < k:  # fit stops on the same cases (an epoch without a single update)
+            raise ValueError(f"distillation has {n} training pairs for {world} process(es), batch_size="
+                             f"{cfg.batch_size} and gradient_accumulation_steps={k}: not one update per epoch; "
+                             "add pairs or lower them")
         batches = []
         for start in range(0, n - size + 1, size):
             with accelerator.split_between_processes(order[start:start + size]) as rows:

@@ -13,6 +13,7 @@ import torch
 
 from .checkpoints import _load_weights, restore_training_state, save_checkpoint, save_training_state
 from .config import Config, _device
+from .files import atomic_write
 
 
 def train_loop(task, model, optimizer, cfg: Config, accelerator, resume: bool = False) -> pd.DataFrame:
@@ -58,7 +59,6 @@ def train_loop(task, model, optimizer, cfg: Config, accelerator, resume: bool = 
         row = dict(epoch=epoch, train_loss=total / max(rows, 1), val_loss=metrics.pop("val_loss"), **lrs,
                    **task.report(model), **metrics, seconds=time.time() - start)
         run.record(row, model, optimizer, scheduler, scaler)
-    accelerator.unwrap_model(trained, keep_fp32_wrapper=False)  # gives `model` back its own forward
     return run.finish(model)
 
 
@@ -200,7 +200,8 @@ class _Run:
                 save_checkpoint(self.out_dir / "best", model, self.tokenizer, self.cfg)
             save_training_state(self.out_dir / "last", model, self.tokenizer, self.cfg, optimizer, scheduler,
                                 scaler, self.history, min(self.best, score))
-            pd.DataFrame(self.history).to_csv(self.out_dir / "history.csv", index=False)
+            with atomic_write(self.out_dir / "history.csv") as tmp:  # a crash never leaves a short history
+                pd.DataFrame(self.history).to_csv(tmp, index=False)
         self.best = min(self.best, score)
         self.accelerator.wait_for_everyone()  # nobody reads or resumes a half-written checkpoint
         self.stopped = _budget_spent(self.start, self.cfg, self.accelerator)

@@ -197,7 +197,7 @@ class CLIPModel(nn.Module):
 
 
 def _check_image_size(model: CLIPModel, cfg: Config) -> None:
-    """The Config's image_size must be the one the image tower was built for (encode_images; fit may call it too)."""
+    """The Config's image_size must be the one the image tower was built for (encode_images and fit check it)."""
     built = getattr(model.image_encoder, "image_size", cfg.image_size)
     if built != cfg.image_size:
         raise ValueError(f"cfg.image_size={cfg.image_size} but the model's image tower was built for {built} px "

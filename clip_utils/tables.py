@@ -65,8 +65,7 @@ def _cached_splits(data_dir, make, source: dict):
     record = Path(folder) / "source.json"
     source = json.loads(json.dumps(source))  # as it reads back: tuples become lists
     if all(p.exists() for p in paths) and _stored_source(folder) == source:
-        splits = [pd.read_csv(p) for p in paths]
-        return tuple(df.assign(image=[os.path.join(folder, im) for im in df["image"]]) for df in splits)
+        return read_splits(folder)
     splits = [df.assign(image=[os.path.abspath(im) for im in df["image"]]) for df in make()]
     record.unlink(missing_ok=True)  # written last: tables half rewritten never pass for the new source
     for part, path in zip(splits, paths):
@@ -76,6 +75,13 @@ def _cached_splits(data_dir, make, source: dict):
     with atomic_write(record) as tmp:
         Path(tmp).write_text(json.dumps(source, ensure_ascii=False, indent=1), encoding="utf-8")
     return tuple(splits)
+
+
+def read_splits(data_dir) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The (train, val, test) tables cached in data_dir as they are, with absolute image paths; never rebuilt."""
+    folder = os.path.abspath(data_dir)
+    splits = [pd.read_csv(Path(folder) / f"{name}.csv") for name in ("train", "val", "test")]
+    return tuple(df.assign(image=[os.path.join(folder, im) for im in df["image"]]) for df in splits)
 
 
 def _stored_source(data_dir) -> dict | None:

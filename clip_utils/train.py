@@ -14,7 +14,7 @@ from .data import clean_table, make_loader, similar_batches
 from .evaluate import encode_images, recall_at_k
 from .loop import accumulated_losses, any_process, precision_context, train_loop
 from .losses import contrastive_loss, gather_rows
-from .model import CLIPModel
+from .model import CLIPModel, _check_image_size
 from .scale.shards import read_index, stream_loader
 
 
@@ -292,6 +292,7 @@ def fit(model: CLIPModel, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config
         cfg: the run's Config.
         resume: continue from cfg.out_dir/"last" if it exists (a Colab session died mid-run).
     """
+    _check_image_size(model, cfg)  # a tower built for another size fails deep inside, or learns the wrong input
     accelerator = _accelerator(cfg)
     _check_batch_size(cfg, accelerator.num_processes)
     _seed_everything(cfg.seed)

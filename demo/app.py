@@ -195,7 +195,9 @@ def load_gallery(cfg: cu.Config, folder="") -> tuple[list[str], str]:
     if cfg.mode == "full" and not (data / "test.csv").exists():
         raise SystemExit(f"full mode needs a gallery: --gallery FOLDER (any folder of photos), or run notebook 01 "
                          f"first so that {data / 'test.csv'} exists")
-    test = cu.prepare_data(cfg, data)[2]
+    # Tables that exist are served as they are: prepare_data would rebuild (even retranslate) tables built
+    # from a caption file the page was not told about.
+    test = cu.tables.read_splits(data)[2] if (data / "test.csv").exists() else cu.prepare_data(cfg, data)[2]
     return list(pd.unique(test["image"])), f"the {cfg.mode}-mode test split (`{data}`)"
 
 

@@ -477,3 +477,10 @@ def test_tar_members_that_are_links_are_refused_and_nothing_is_written(tmp_path,
     _raises(lambda: cu.extract_archive(archive, tmp_path / "out" / "target"), r"member .* is a link")
     assert not (tmp_path / "out" / "written.txt").exists() and not (tmp_path / "outside").exists()
     assert not any((tmp_path / "out" / "target").iterdir())
+
+
+def test_fit_refuses_a_config_whose_image_size_is_not_the_towers(synthetic, tiny_model, tiny_cfg):
+    model, tokenizer = tiny_model
+    _, train, val, _ = synthetic
+    wrong = dataclasses.replace(tiny_cfg, image_size=48)
+    _raises(lambda: cu.fit(model, tokenizer, train, val, wrong), r"image_size=48 .*built for 32 px")
