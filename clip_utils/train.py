@@ -125,14 +125,14 @@ class _ClipTask(_Contrastive):
         super().__init__(cfg, accelerator)
         self.model, self.tokenizer, self.train_df = model, tokenizer, train_df
         self.streaming = isinstance(train_df, (str, os.PathLike))
-        self.norm = model.image_encoder.crop  # the tower's own crop; it normalises the loaders' uint8 pixels itself
+        self.crop = model.image_encoder.crop  # the tower's own crop; it normalises the loaders' uint8 pixels itself
         if not self.streaming:
             with accelerator.local_main_process_first():  # one process per machine fills cfg.image_cache
-                self.train_loader = make_loader(train_df, tokenizer, cfg, train=True, **self.norm)
+                self.train_loader = make_loader(train_df, tokenizer, cfg, train=True, **self.crop)
         # Validation batches are drawn as training batches are (shuffled, once: the same every epoch); in table
         # order a batch would hold all captions of a few images, an easier task with a floor of ln(captions per image)
         val_df = val_df.sample(frac=1, random_state=cfg.seed).reset_index(drop=True)
-        self.val_loader = _process_shares(make_loader(val_df, tokenizer, cfg, train=False, **self.norm),
+        self.val_loader = _process_shares(make_loader(val_df, tokenizer, cfg, train=False, **self.crop),
                                           accelerator, False, cfg.seed)
 
     def batches(self, epoch: int):
@@ -155,12 +155,12 @@ class _ClipTask(_Contrastive):
         cfg, accelerator = self.cfg, self.accelerator
         if cfg.hard_negatives > 1 and epoch > 1:
             self.train_loader = _look_alike_loader(self.model, self.train_loader, self.train_df, self.tokenizer,
-                                                   cfg, accelerator, epoch, self.norm)
+                                                   cfg, accelerator, epoch, self.crop)
         own_seed = cfg.seed + epoch + 7919 * accelerator.process_index  # process 0 seeds as a single process does
         torch.manual_seed(own_seed)  # dropout
         if self.streaming:
             return stream_loader(self.train_df, self.tokenizer, cfg, accelerator.process_index,
-                                 accelerator.num_processes, epoch, **self.norm)
+                                 accelerator.num_processes, epoch, **self.crop)
         self.train_loader.generator.manual_seed(cfg.seed + epoch)  # shuffling (random batches) and worker seeds
         self.train_loader.dataset.transform.set_random_seed(own_seed)  # augmentation
         return _process_shares(self.train_loader, accelerator, True, own_seed)
@@ -183,7 +183,7 @@ def _groups(loader, usable: int, k: int, accelerator):
             group = []
 
 
-def _look_alike_loader(model, loader, train_df, tokenizer, cfg: Config, accelerator, epoch: int, norm: dict):
+def _look_alike_loader(model, loader, train_df, tokenizer, cfg: Config, accelerator, epoch: int, crop: dict):
     """A loader whose batches group images the current weights find alike (similar_batches)."""
     pairs = loader.dataset
     image_embeds = encode_images(model, list(pairs.images), cfg)  # (I, D), indexed by pairs.image_ids
@@ -192,7 +192,7 @@ def _look_alike_loader(model, loader, train_df, tokenizer, cfg: Config, accelera
 
         image_embeds = broadcast(image_embeds.to(accelerator.device)).cpu()
     batches = similar_batches(image_embeds, pairs.image_ids, cfg.batch_size, cfg.hard_negatives, cfg.seed + epoch)
-    return make_loader(train_df, tokenizer, cfg, train=True, batches=batches, **norm)
+    return make_loader(train_df, tokenizer, cfg, train=True, batches=batches, **crop)
 
 
 @torch.no_grad()
