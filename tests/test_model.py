@@ -40,12 +40,17 @@ def test_parameter_names_follow_the_published_layout(tiny_model):
     assert all(allowed.match(k) for k in keys)
 
 
-def test_three_parameter_groups(tiny_model, tiny_cfg):
+def test_three_learning_rates_and_decay_on_head_matrices_only(tiny_model, tiny_cfg):
     model, _ = tiny_model
     groups = cu.make_optimizer(model, tiny_cfg).param_groups
-    assert [g["name"] for g in groups] == ["image_encoder", "text_encoder", "heads"]
-    assert [g["lr"] for g in groups] == [tiny_cfg.image_encoder_lr, tiny_cfg.text_encoder_lr, tiny_cfg.head_lr]
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert [g["name"] for g in groups] == ["image_encoder", "text_encoder", "heads", "heads"]
+    assert [g["lr"] for g in groups] == [tiny_cfg.image_encoder_lr, tiny_cfg.text_encoder_lr] + [tiny_cfg.head_lr] * 2
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())  # all that train
+    decayed, kept = groups[2], groups[3]  # open_clip's rule: no decay on 1-D parameters and the temperature
+    assert decayed["weight_decay"] == tiny_cfg.weight_decay > 0 and all(p.ndim > 1 for p in decayed["params"])
+    assert kept["weight_decay"] == 0 and all(p.ndim <= 1 for p in kept["params"])
+    assert any(p is model.logit_scale for p in kept["params"])
+    assert all(g["weight_decay"] == 0 for g in groups[:2])
 
 
 def test_checkpoint_round_trip_gives_identical_embeddings(tmp_path, synthetic, tiny_model, tiny_cfg):
