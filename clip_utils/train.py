@@ -292,9 +292,9 @@ def fit(model: CLIPModel, tokenizer, train_df, val_df: pd.DataFrame, cfg: Config
         cfg: the run's Config.
         resume: continue from cfg.out_dir/"last" if it exists (a Colab session died mid-run).
     """
-    _check_image_size(model, cfg)  # a tower built for another size fails deep inside, or learns the wrong input
     accelerator = _accelerator(cfg)
     _check_batch_size(cfg, accelerator.num_processes)
+    _check_image_size(model, cfg)  # a tower built for another size fails deep inside, or learns the wrong input
     _seed_everything(cfg.seed)
     model.to(accelerator.device)
     model.image_encoder.to(memory_format=torch.channels_last)  # faster convolutions on GPUs and on CPUs
