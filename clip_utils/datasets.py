@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import Config
-from .scale.downloads import _fetch, download, hub_file
+from .scale.downloads import _fetch, _sha256, download, hub_file
 from .scale.translate import DEFAULT_TRANSLATOR, translate_captions
 from .synthetic import prepare_quick_data
 from .tables import _cached_splits, _check_columns
@@ -269,13 +269,9 @@ def _caption_source(captions, translator: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"caption file {captions} not found (CAPTIONS / CLIP_HINDI_CAPTIONS): give a "
                                 "local file, an http(s) URL or hf://datasets/<owner>/<name>/<file>")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    size = path.stat().st_size
-    return dict(captions=str(path), bytes=size, sha256=digest.hexdigest(),
-                what=f"the caption file {path} ({size:,} bytes, sha256 {digest.hexdigest()[:12]})")
+    digest, size = _sha256(path), path.stat().st_size
+    return dict(captions=str(path), bytes=size, sha256=digest,
+                what=f"the caption file {path} ({size:,} bytes, sha256 {digest[:12]})")
 
 
 def prepare_data(cfg: Config, data_dir, captions=None):
