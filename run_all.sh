@@ -6,7 +6,7 @@
 # `jupyter execute` (from nbclient) runs each notebook in its own folder and writes nothing back,
 # so the committed notebooks stay output-free. The mode comes from CLIP_HINDI_MODE (quick|full); unset, clip_utils.Config.from_env
 # picks full on a CUDA machine and quick otherwise. Figures land in images/, the synthetic data
-# in data/quick/, checkpoints in runs/. Quick mode takes about 10 minutes on 2 CPU cores. Each cell may run
+# in data/quick/, checkpoints in runs/. Quick mode takes about 7 minutes on 2 CPU cores. Each cell may run
 # CLIP_HINDI_CELL_TIMEOUT seconds (default 900); a full-mode GPU run needs more: set it to -1 (no limit).
 set -euo pipefail
 cd "$(dirname "$0")"
